@@ -1,0 +1,248 @@
+"""Analyse a captured block graph: stream, residual branches, kinds, token-locality, regions.
+
+Everything is derived from the graph: no module, class or attribute names are consulted (the
+module paths recorded by export are used only to label sites in ``explain``).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .axes import Axes, AxisInfo, NotLocal, propagate
+from .graph import packet, shape, to_nx, val
+from .residual import SpineError, find_stream, trace_spine
+from .sites import BlockAnalysis, Site
+
+aten = torch.ops.aten
+_ATTENTION = {aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+              aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention}
+
+
+def is_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and packet(node) in _ATTENTION
+
+
+def graph_has_attention(graph: fx.Graph) -> bool:
+    """Scaled-dot-product attention, or softmax feeding a matmul (softmax(QK^T)V)."""
+    for n in graph.nodes:
+        if is_attention(n):
+            return True
+        if n.op == "call_function" and packet(n) in (aten.softmax, aten._softmax):
+            if any(packet(u) in (aten.matmul, aten.bmm) for u in n.users if u.op == "call_function"):
+                return True
+    return False
+
+
+def _module_path(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for v in stack.values():
+        path = v[0] if isinstance(v, tuple) else str(v)
+        # export names the wrapper's child "inner"; strip it so paths are relative to the block
+        path = path.split("inner.", 1)[1] if path.startswith("inner.") or ".inner." in path else ("" if path in ("inner", "") else path)
+        paths.append(path)
+    return [p for p in paths if p]
+
+
+def _common_module(nodes) -> str:
+    common: list[str] | None = None
+    for n in nodes:
+        p = _module_path(n)
+        if not p:
+            continue
+        deepest = p[-1].split(".")
+        if common is None:
+            common = deepest
+        else:
+            i = 0
+            while i < min(len(common), len(deepest)) and common[i] == deepest[i]:
+                i += 1
+            common = common[:i]
+    return ".".join(common or [])
+
+
+def _peel_gate(branch: fx.Node, token_nodes: set) -> tuple[fx.Node, fx.Node | None]:
+    """Split ``g * F`` into (F, g) when g does not depend on tokens; else (branch, None)."""
+    if branch.op == "call_function" and branch.target == aten.mul.Tensor and len(branch.args) == 2:
+        a, b = branch.args
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            if a in token_nodes and b not in token_nodes:
+                return a, b
+            if b in token_nodes and a not in token_nodes:
+                return b, a
+    return branch, None
+
+
+def analyze_block(gm: fx.GraphModule, n_lifted: int) -> BlockAnalysis:
+    """Find every residual branch of the block graph and what may be cached or computed partially.
+
+    Example::
+
+        result = analyze_block(capture.gm, len(capture.lifted))
+        [(s.name, s.kind, s.local) for s in result.sites]
+        # [('self_attn0', 'self_attn', False), ('mlp0', 'mlp', True)]
+    """
+    res = BlockAnalysis()
+    graph = gm.graph
+    res.has_attention = graph_has_attention(graph)
+    if not res.has_attention:
+        res.rejected = "no attention (scaled_dot_product_attention or softmax(QK^T)V) in the captured graph"
+        return res
+    try:
+        x0, out = find_stream(gm, n_lifted)
+        g = to_nx(graph)
+        adds = trace_spine(g, x0, out)
+    except SpineError as exc:
+        res.rejected = f"no residual stream: {exc}"
+        return res
+    res.stream_input, res.stream_output = x0, out
+    n_tokens = shape(x0)[1]
+    res.n_tokens = n_tokens
+    if not adds:
+        res.rejected = "no residual branch found on the stream"
+        return res
+    spine_nodes = {x0} | {a.add for a in adds}
+    counts: dict[str, int] = {}
+    for ra in adds:
+        site = _build_site(g, ra, x0, spine_nodes, n_tokens, res)
+        if site is None:
+            continue
+        idx = counts.get(site.kind, 0)
+        counts[site.kind] = idx + 1
+        site.name = f"{site.kind}{idx}"
+        res.sites.append(site)
+    if not res.sites:
+        res.rejected = "no residual branch reads the stream"
+    return res
+
+
+def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | None:
+    branch = ra.branch
+    anc = nx.ancestors(g, branch) | {branch}
+    # nodes computed only for this branch: not already needed to reach the stream value it adds to
+    own = anc - nx.ancestors(g, ra.spine_in) - {ra.spine_in}
+    read_spine = [s for s in spine_nodes if s in anc and any(u in own and u not in spine_nodes for u in s.users)]
+    if not read_spine:
+        res.notes.append(f"{ra.add.name}: added value does not depend on the stream (not a branch)")
+        return None
+    if len(read_spine) > 1:
+        names = ", ".join(sorted(s.name for s in read_spine))
+        res.notes.append(f"{ra.add.name}: branch reads several stream values ({names}); left unchanged")
+        return None
+    x_in = read_spine[0]
+    token_nodes = (nx.descendants(g, x_in) & anc) | {x_in}
+    value, gate = _peel_gate(branch, token_nodes)
+    if value is x_in:
+        return None
+    token_nodes = (nx.descendants(g, x_in) & (nx.ancestors(g, value) | {value})) | {x_in}
+    # -- token axes, in topological order --------------------------------------------------
+    order = [n for n in value.graph.nodes if n in token_nodes]
+    axes: dict[fx.Node, Axes] = {x_in: Axes(0, 1)}
+    infos: dict[fx.Node, AxisInfo] = {}
+    failed: dict[fx.Node, str] = {}
+    for n in order:
+        if n is x_in:
+            continue
+        bad = [a for a in n.all_input_nodes if a in token_nodes and a not in axes]
+        if bad:
+            failed[n] = failed.get(bad[0], f"depends on {bad[0].name}")
+            continue
+        try:
+            info = propagate(n, axes, n_tokens)
+        except NotLocal as exc:
+            failed[n] = str(exc)
+            continue
+        infos[n] = info
+        if info.out is not None:
+            axes[n] = info.out
+    attention_nodes = [n for n in order if is_attention(n) or packet(n) in (aten.softmax, aten._softmax)]
+    mixing = [m for n in order if n in infos for m in infos[n].mixing_inputs]
+    if mixing:
+        joint = any(_joins_other_stream(g, m, token_nodes) for m in mixing)
+        kind = "joint_attn" if joint else "self_attn"
+    elif attention_nodes:
+        kind = "cross_attn"
+    elif value in axes and not failed:
+        kind = "mlp"
+    else:
+        kind = "other"
+    attn = next((n for n in order if is_attention(n)), None)
+    all_nodes = list(value.graph.nodes)
+    weighted = [n for n in order if n is not x_in and packet(n) in (aten.linear, aten.matmul, aten.conv1d, aten.addmm)]
+    module = _common_module([attn] if attn is not None else (weighted or [n for n in order if n is not x_in]))
+    site = Site(name="", kind=kind, module=module, add=ra.add, value=value, gate=gate, stream_in=x_in,
+                axes=axes.get(value, Axes(0, 1)), n_tokens=n_tokens, attention=attn)
+    # -- may F be reused? (its value must flow only into the residual add) -----------------
+    allowed_users = {gate and _gate_mul(value, gate), ra.add} - {None}
+    escapes = [u for u in value.users if u not in allowed_users]
+    if escapes:
+        site.cacheable = False
+        site.reason = f"branch output {value.name} escapes to {escapes[0].name} outside the residual add"
+        return site
+    if value not in axes:
+        site.reason = f"not token-local: {failed.get(value, 'output carries no token axis')}"
+        return site
+    # -- region computed on k tokens: the query side, never the key/value side --------------
+    region: set[fx.Node] = set()
+    full: set[fx.Node] = set()
+    stack = [value]
+    while stack:
+        n = stack.pop()
+        if n in region or n is x_in:
+            continue
+        region.add(n)
+        info = infos.get(n)
+        for a in n.all_input_nodes:
+            if a not in token_nodes or a is x_in:
+                continue
+            if info is not None and a in info.mixing_inputs:
+                full.add(a)
+                continue
+            stack.append(a)
+    full_closure = set(full)
+    for f in full:
+        full_closure |= nx.ancestors(g, f) & token_nodes
+    region -= full_closure
+    bad = [n for n in region if n in failed or n not in axes]
+    if bad:
+        first = min(bad, key=all_nodes.index)
+        site.reason = f"not token-local: {failed.get(first, first.name + ' carries no token axis')}"
+        return site
+    for n in region:
+        if n is value:
+            continue
+        out_users = [u for u in n.users if u not in region]
+        if out_users:
+            site.reason = f"{n.name} inside the branch is also read by {out_users[0].name}"
+            return site
+    boundary: dict[fx.Node, Axes] = {}
+    for n in region:
+        for a in n.all_input_nodes:
+            if a in token_nodes and a not in region and a not in infos[n].mixing_inputs:
+                boundary[a] = axes[a]
+        for ext, ax in infos[n].external:
+            boundary[ext] = ax
+    site.region = [n for n in all_nodes if n in region]
+    site.boundary = boundary
+    site.region_axes = {n: axes[n] for n in region}
+    site.local = True
+    return site
+
+
+def _gate_mul(value: fx.Node, gate: fx.Node) -> fx.Node | None:
+    for u in value.users:
+        if u.target == aten.mul.Tensor and gate in u.args:
+            return u
+    return None
+
+
+def _joins_other_stream(g, key_side: fx.Node, token_nodes: set) -> bool:
+    """True when the key/value side concatenates stream tokens with tokens from another input."""
+    for n in nx.ancestors(g, key_side) | {key_side}:
+        if n.op == "call_function" and packet(n) is aten.cat and n in token_nodes:
+            others = [a for a in n.args[0] if isinstance(a, fx.Node) and a not in token_nodes]
+            if others:
+                return True
+    return False

@@ -1,0 +1,356 @@
+"""Token-axis propagation: which axis of each tensor indexes the stream's tokens.
+
+Each rule takes a node and the (batch, token) axes of its token-carrying inputs and returns the
+output's axes, or raises ``NotLocal`` with the reason: then output token i may depend on other
+input tokens (or the token axis was merged with another axis), and the node cannot be computed
+on a subset of the tokens. Rules are registered per ATen op packet (a registry, not an if-chain);
+ops tagged ``pointwise`` share the broadcasting rule.
+
+Attention is special: ``scaled_dot_product_attention`` and ``QK^T``-style matmuls are local in
+their queries and *mix* over their keys/values; the rule returns the output axes and reports the
+key-side inputs in ``Axes.mixing_inputs`` so the rewrite computes those for all tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .graph import packet, shape, val
+
+aten = torch.ops.aten
+
+
+class NotLocal(Exception):
+    """Output token i depends on more than input token i; the message says why."""
+
+
+@dataclass(frozen=True)
+class Axes:
+    batch: int | None
+    token: int
+
+
+@dataclass
+class AxisInfo:
+    out: Axes | None                         # axes of the node's output (None: not token-carrying)
+    mixing_inputs: list[fx.Node] = field(default_factory=list)   # key/value side of attention
+    external: list[tuple[fx.Node, Axes]] = field(default_factory=list)  # per-token inputs not from the stream
+
+
+Rule = Callable[[fx.Node, dict, int], AxisInfo]
+RULES: dict[object, Rule] = {}
+
+
+def rule(*packets):
+    def deco(fn: Rule) -> Rule:
+        for p in packets:
+            RULES[p] = fn
+        return fn
+    return deco
+
+
+def _norm(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _single_input(node: fx.Node, axes: dict) -> tuple[fx.Node, Axes]:
+    a = node.args[0]
+    if not isinstance(a, fx.Node) or a not in axes:
+        raise NotLocal(f"{node.name}: first input is not token-carrying")
+    return a, axes[a]
+
+
+def _out_ndim(node: fx.Node) -> int:
+    s = shape(node)
+    if s is None:
+        raise NotLocal(f"{node.name}: no recorded shape")
+    return len(s)
+
+
+# -- broadcasting (pointwise) ------------------------------------------------------------------
+
+def _broadcast(node: fx.Node, axes: dict, n_tokens: int, inputs: list) -> AxisInfo:
+    out_nd = _out_ndim(node)
+    out_shape = shape(node)
+    result: Axes | None = None
+    for a in inputs:
+        if isinstance(a, fx.Node) and a in axes:
+            ax = axes[a]
+            off = out_nd - len(shape(a))
+            cand = Axes(None if ax.batch is None else ax.batch + off, ax.token + off)
+            if result is None:
+                result = cand
+            elif cand.token != result.token:
+                raise NotLocal(f"{node.name}: inputs carry tokens on different axes")
+            elif result.batch is None:
+                result = cand
+    if result is None:
+        return AxisInfo(None)
+    info = AxisInfo(result)
+    for a in inputs:
+        if isinstance(a, fx.Node) and a not in axes and isinstance(val(a), torch.Tensor):
+            s = shape(a)
+            off = out_nd - len(s)
+            d = result.token - off
+            if 0 <= d < len(s) and s[d] != 1:
+                if s[d] != out_shape[result.token]:
+                    raise NotLocal(f"{node.name}: input {a.name} has size {s[d]} on the token axis")
+                db = None if result.batch is None else result.batch - off
+                if db is not None and not (0 <= db < len(s) and s[db] == out_shape[result.batch]):
+                    raise NotLocal(f"{node.name}: per-token input {a.name} has no batch axis (not supported)")
+                info.external.append((a, Axes(db, d)))
+    return info
+
+
+def _pointwise(node, axes, n):
+    ins = list(node.args) + list(node.kwargs.values())
+    return _broadcast(node, axes, n, ins)
+
+
+@rule(aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
+      aten.type_as, aten.lift_fresh_copy, aten.native_dropout)
+def _identity(node, axes, n):
+    a, ax = _single_input(node, axes)
+    info = _broadcast(node, axes, n, [a])
+    return info
+
+
+@rule(aten.linear)
+def _linear(node, axes, n):
+    a, ax = _single_input(node, axes)
+    if ax.token == len(shape(a)) - 1:
+        raise NotLocal(f"{node.name}: linear contracts the token axis")
+    for w in node.args[1:]:
+        if isinstance(w, fx.Node) and w in axes:
+            raise NotLocal(f"{node.name}: linear weight depends on tokens")
+    return AxisInfo(ax)
+
+
+@rule(aten.layer_norm, aten.rms_norm)
+def _layer_norm(node, axes, n):
+    a, ax = _single_input(node, axes)
+    nd = len(shape(a))
+    k = len(node.args[1])
+    if ax.token >= nd - k or (ax.batch is not None and ax.batch >= nd - k):
+        raise NotLocal(f"{node.name}: normalises over the token axis")
+    for w in node.args[2:4]:
+        if isinstance(w, fx.Node) and w in axes:
+            raise NotLocal(f"{node.name}: norm weight depends on tokens")
+    return AxisInfo(ax)
+
+
+@rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum)
+def _softmax(node, axes, n):
+    a, ax = _single_input(node, axes)
+    d = _norm(node.args[1], len(shape(a)))
+    if d == ax.token or d == ax.batch:
+        raise NotLocal(f"{node.name}: reduces over the token axis")
+    return AxisInfo(ax)
+
+
+@rule(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm, aten.norm)
+def _reduce(node, axes, n):
+    a, ax = _single_input(node, axes)
+    nd = len(shape(a))
+    dims = None
+    keep = False
+    p = packet(node)
+    if p in (aten.linalg_vector_norm, aten.norm):
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    else:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dims is None:
+        raise NotLocal(f"{node.name}: reduces over all axes")
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = sorted(_norm(d, nd) for d in dims)
+    if ax.token in dims or (ax.batch is not None and ax.batch in dims):
+        raise NotLocal(f"{node.name}: reduces over the token or batch axis")
+    if keep:
+        return AxisInfo(ax)
+    shift = lambda x: None if x is None else x - sum(1 for d in dims if d < x)
+    return AxisInfo(Axes(shift(ax.batch), shift(ax.token)))
+
+
+def _map_through_reshape(in_shape, out_shape, d):
+    """Output axis that carries exactly input axis d (same size, same prefix product), or None."""
+    pre = math.prod(in_shape[:d])
+    for j in range(len(out_shape)):
+        if out_shape[j] == in_shape[d] and math.prod(out_shape[:j]) == pre:
+            return j
+    return None
+
+
+@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
+def _reshape(node, axes, n):
+    a, ax = _single_input(node, axes)
+    ins, outs = shape(a), shape(node)
+    t = _map_through_reshape(ins, outs, ax.token)
+    if t is None:
+        raise NotLocal(f"{node.name}: reshape merges or splits the token axis ({list(ins)} -> {list(outs)})")
+    b = None
+    if ax.batch is not None:
+        b = _map_through_reshape(ins, outs, ax.batch)
+        if b is None:
+            raise NotLocal(f"{node.name}: reshape merges the batch axis ({list(ins)} -> {list(outs)})")
+    return AxisInfo(Axes(b, t))
+
+
+@rule(aten.transpose)
+def _transpose(node, axes, n):
+    a, ax = _single_input(node, axes)
+    nd = len(shape(a))
+    d0, d1 = _norm(node.args[1], nd), _norm(node.args[2], nd)
+    sw = lambda x: None if x is None else (d1 if x == d0 else d0 if x == d1 else x)
+    return AxisInfo(Axes(sw(ax.batch), sw(ax.token)))
+
+
+@rule(aten.permute)
+def _permute(node, axes, n):
+    a, ax = _single_input(node, axes)
+    nd = len(shape(a))
+    perm = [_norm(d, nd) for d in node.args[1]]
+    inv = lambda x: None if x is None else perm.index(x)
+    return AxisInfo(Axes(inv(ax.batch), inv(ax.token)))
+
+
+@rule(aten.unsqueeze)
+def _unsqueeze(node, axes, n):
+    a, ax = _single_input(node, axes)
+    d = _norm(node.args[1], len(shape(a)) + 1)
+    sh = lambda x: None if x is None else (x + 1 if x >= d else x)
+    return AxisInfo(Axes(sh(ax.batch), sh(ax.token)))
+
+
+@rule(aten.squeeze)
+def _squeeze(node, axes, n):
+    a, ax = _single_input(node, axes)
+    ins, outs = shape(a), shape(node)
+    kept = [i for i in range(len(ins))]
+    if len(node.args) > 1:
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        dims = [_norm(d, len(ins)) for d in dims]
+        kept = [i for i in range(len(ins)) if not (i in dims and ins[i] == 1)]
+    else:
+        kept = [i for i in range(len(ins)) if ins[i] != 1]
+    if ax.token not in kept or len(kept) != len(outs):
+        raise NotLocal(f"{node.name}: squeeze removes the token axis")
+    return AxisInfo(Axes(kept.index(ax.batch) if ax.batch in kept else None, kept.index(ax.token)))
+
+
+@rule(aten.expand)
+def _expand(node, axes, n):
+    a, ax = _single_input(node, axes)
+    off = len(shape(node)) - len(shape(a))
+    return AxisInfo(Axes(None if ax.batch is None else ax.batch + off, ax.token + off))
+
+
+@rule(aten.chunk, aten.split, aten.split_with_sizes, aten.unsafe_split, aten.unsafe_chunk)
+def _split(node, axes, n):
+    a, ax = _single_input(node, axes)
+    d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    d = _norm(d, len(shape(a)))
+    if d in (ax.token, ax.batch):
+        raise NotLocal(f"{node.name}: splits the token or batch axis")
+    return AxisInfo(ax)
+
+
+@rule(aten.slice, aten.narrow, aten.select)
+def _slice(node, axes, n):
+    a, ax = _single_input(node, axes)
+    nd = len(shape(a))
+    d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    if d in (ax.token, ax.batch):
+        if packet(node) is not aten.select and shape(node)[d] == shape(a)[d]:
+            return AxisInfo(ax)   # a full slice (start 0, end >= size) is a no-op
+        raise NotLocal(f"{node.name}: slices the token or batch axis")
+    if packet(node) is aten.select:
+        sh = lambda x: None if x is None else (x - 1 if x > d else x)
+        return AxisInfo(Axes(sh(ax.batch), sh(ax.token)))
+    return AxisInfo(ax)
+
+
+@rule(aten.cat)
+def _cat(node, axes, n):
+    tensors = node.args[0]
+    nd = _out_ndim(node)
+    d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    info = _broadcast(node, axes, n, list(tensors))
+    if info.out is not None and d in (info.out.token, info.out.batch):
+        raise NotLocal(f"{node.name}: concatenates along the token or batch axis")
+    return info
+
+
+@rule(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu)
+def _sdpa(node, axes, n):
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    if q not in axes:
+        # queries from non-token inputs attending over tokens: every output depends on all tokens
+        raise NotLocal(f"{node.name}: queries do not come from the token stream")
+    qa = axes[q]
+    nd = len(shape(q))
+    if qa.token != nd - 2:
+        raise NotLocal(f"{node.name}: tokens are not the sequence axis of the queries")
+    causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    info = AxisInfo(qa)
+    mixing = [x for x in (k, v) if isinstance(x, fx.Node) and x in axes]
+    if mixing and causal:
+        raise NotLocal(f"{node.name}: causal self-attention depends on token positions")
+    info.mixing_inputs = mixing
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        if mask in axes:
+            raise NotLocal(f"{node.name}: attention mask depends on tokens")
+        ms = shape(mask)
+        off = nd - len(ms)
+        dq = nd - 2 - off
+        if 0 <= dq < len(ms) and ms[dq] != 1:
+            db = 0 - off if ms[0 - off] == shape(q)[0] else None
+            if db is None:
+                raise NotLocal(f"{node.name}: per-query attention mask without batch axis (not supported)")
+            info.external.append((mask, Axes(db, dq)))
+    return info
+
+
+@rule(aten.matmul, aten.bmm)
+def _matmul(node, axes, n):
+    a, b = node.args[0], node.args[1]
+    if a not in axes:
+        raise NotLocal(f"{node.name}: left operand of matmul is not token-carrying")
+    aa = axes[a]
+    nd_a = len(shape(a))
+    if aa.token == nd_a - 1:
+        raise NotLocal(f"{node.name}: matmul contracts the token axis")
+    info = AxisInfo(Axes(aa.batch + (_out_ndim(node) - nd_a) if aa.batch is not None else None,
+                         aa.token + (_out_ndim(node) - nd_a)))
+    if isinstance(b, fx.Node) and b in axes:
+        info.mixing_inputs = [b]   # attention scores / attention x values: mixes over keys
+    return info
+
+
+@rule(operator.getitem)
+def _getitem(node, axes, n):
+    a, ax = _single_input(node, axes)
+    return AxisInfo(ax)
+
+
+def propagate(node: fx.Node, axes: dict, n_tokens: int) -> AxisInfo:
+    """Axes of ``node`` given the axes of its inputs; raises ``NotLocal``."""
+    if node.op != "call_function":
+        raise NotLocal(f"{node.name}: {node.op} nodes are not analysed")
+    p = packet(node)
+    fn = RULES.get(p)
+    if fn is not None:
+        return fn(node, axes, n_tokens)
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.pointwise in tags:
+        return _pointwise(node, axes, n_tokens)
+    raise NotLocal(f"{node.name}: no token-axis rule for {getattr(p, '__name__', p)}")

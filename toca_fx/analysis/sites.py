@@ -1,0 +1,57 @@
+"""What the analysis finds: residual branch sites and the per-block result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .axes import Axes
+
+KINDS = ("self_attn", "cross_attn", "joint_attn", "mlp", "parallel", "other")
+
+
+@dataclass
+class Site:
+    """One residual branch ``x_out = x_in + g * F(...)``; the cache holds F's output."""
+
+    name: str                         # e.g. "self_attn0" (kind + index in the block)
+    kind: str                         # one of KINDS
+    module: str                       # module path inside the block, e.g. "attn1"
+    add: fx.Node                      # the residual add on the stream
+    value: fx.Node                    # F: the cached value (before gate and add)
+    gate: fx.Node | None              # g, when the branch is gated
+    stream_in: fx.Node                # x_in: the stream value the branch reads
+    axes: Axes                        # batch/token axes of F
+    n_tokens: int
+    cacheable: bool = True            # F may be reused from the cache
+    local: bool = False               # F may be computed on a subset of tokens
+    reason: str | None = None         # why not cacheable / not local
+    region: list[fx.Node] = field(default_factory=list)        # computed on k tokens (topological order)
+    boundary: dict = field(default_factory=dict)               # node -> Axes, gathered before the region
+    region_axes: dict = field(default_factory=dict)            # region node -> Axes of its output
+    attention: fx.Node | None = None  # the attention op of the branch (SDPA), if any
+    probe: str = "not run"            # result of the numeric locality probe
+
+    @property
+    def shape(self):
+        return tuple(self.value.meta["val"].shape)
+
+
+@dataclass
+class BlockAnalysis:
+    """Result of analysing one captured block graph."""
+
+    sites: list[Site] = field(default_factory=list)
+    stream_input: fx.Node | None = None
+    stream_output: fx.Node | None = None
+    has_attention: bool = False
+    rejected: str | None = None       # reason the whole block is left unchanged
+    notes: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)

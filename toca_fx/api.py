@@ -1,0 +1,195 @@
+"""The public entry points: transform, remove, reset, generation, explain, stats."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from typing import Any
+
+import torch.nn as nn
+
+from .capture import find_block_lists
+from .config import ToCaConfig
+from .errors import ToCaError
+from .report import Explanation, Stats, build_explanation, build_stats
+from .runtime import diffusers_context
+from .runtime.block import BlockRuntime
+from .runtime.controller import Controller
+
+log = logging.getLogger("toca_fx")
+_ATTR = "_toca_fx"
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return not isinstance(obj, nn.Module) and isinstance(getattr(obj, "transformer", None), nn.Module)
+
+
+def _resolve_config(config, overrides) -> ToCaConfig:
+    if config is None:
+        config = ToCaConfig()
+    elif isinstance(config, str):
+        config = ToCaConfig.preset(config)
+    elif isinstance(config, dict):
+        config = ToCaConfig.from_dict(config)
+    elif not isinstance(config, ToCaConfig):
+        raise TypeError(f"config must be a ToCaConfig, a preset name or a dict, not {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def _controller(model) -> Controller:
+    target = model.transformer if _is_pipeline(model) else model
+    ctl = target.__dict__.get(_ATTR)
+    if ctl is None:
+        raise ToCaError(f"{type(target).__name__} is not transformed by toca_fx (call toca_fx.transform first)")
+    return ctl
+
+
+def transform(model, config: ToCaConfig | str | dict | None = None, **overrides):
+    """Make a diffusion transformer (or a diffusers pipeline) cache features across steps.
+
+    Works in place and returns its argument. Blocks are captured on the first forward call.
+
+    Example::
+
+        import toca_fx
+        model = toca_fx.transform(model, toca_fx.ToCaConfig.preset("toca-dit-ddim50"))
+        pipe = toca_fx.transform(pipe, interval=3, fresh_ratio=0.3)   # a diffusers pipeline
+    """
+    config = _resolve_config(config, overrides)
+    if _is_pipeline(model):
+        transform(model.transformer, config)
+        _wrap_pipeline(model)
+        return model
+    if not isinstance(model, nn.Module):
+        raise ToCaError(f"toca_fx.transform takes an nn.Module or a pipeline with .transformer, not {type(model).__name__}")
+    if _ATTR in model.__dict__:
+        raise ToCaError(f"{type(model).__name__} is already transformed by toca_fx; call toca_fx.remove(model) first")
+    lists, notes = find_block_lists(model)
+    if not lists:
+        searched = "; ".join(notes) if notes else "the model has no nn.ModuleList"
+        raise ToCaError(f"no transformer blocks found in {type(model).__name__}: looked for an nn.ModuleList of "
+                        f"same-class blocks holding attention ({searched})")
+    ctl = Controller(config)
+    ctl.lists = lists
+    ctl.discovery_notes = notes
+    for bl in lists:
+        for i, (mod, name) in enumerate(zip(bl.modules, bl.names)):
+            rt = BlockRuntime(mod, name, i, len(bl), ctl, bl)
+            ctl.blocks.append(rt)
+    for rt in ctl.blocks:
+        rt.install()
+    ctl.hooks = [
+        model.register_forward_pre_hook(lambda m, a, k: ctl.begin_call(a, k), with_kwargs=True),
+        model.register_forward_hook(lambda m, a, k, out: _after_call(m, ctl), with_kwargs=True, always_call=True),
+    ]
+    ctl.has_context = diffusers_context.attach(model, ctl)
+    model.__dict__[_ATTR] = ctl
+    log.info("toca_fx: %d block list(s): %s", len(lists), ", ".join(f"{b.name} x{len(b)}" for b in lists))
+    return model
+
+
+def _after_call(model, ctl: Controller) -> None:
+    ctl.end_call()
+    if ctl._first_call_checked:
+        return
+    ctl._first_call_checked = True
+    for bl in ctl.lists:
+        entries = [ctl.entries[k] for rt in ctl.blocks if rt.blist is bl for k in rt.entry_keys]
+        if entries and all(e.failed and e.analysis is not None and not e.analysis.has_attention for e in entries):
+            bl.rejected = entries[0].failed
+    if all(bl.rejected for bl in ctl.lists):
+        reasons = "; ".join(f"{bl.name or '<root>'} ({bl.cls.__name__}): {bl.rejected}" for bl in ctl.lists)
+        remove(model)
+        raise ToCaError(f"no transformer blocks in {type(model).__name__}: every candidate block list was rejected: "
+                        f"{reasons}. The model was left unchanged.")
+
+
+def remove(model):
+    """Undo ``transform``: the original forward of every block, no hooks, no caches. Returns model."""
+    if _is_pipeline(model):
+        _unwrap_pipeline(model)
+        remove(model.transformer)
+        return model
+    ctl = model.__dict__.pop(_ATTR, None)
+    if ctl is None:
+        raise ToCaError(f"{type(model).__name__} is not transformed by toca_fx")
+    for rt in ctl.blocks:
+        rt.uninstall()
+        rt.clear()
+    for h in getattr(ctl, "hooks", []):
+        h.remove()
+    diffusers_context.detach(model)
+    return model
+
+
+def reset(model) -> None:
+    """Forget all caches: the next call starts a new generation (and is fresh)."""
+    _controller(model).reset()
+
+
+@contextlib.contextmanager
+def generation(model, num_steps: int | None = None):
+    """One generation of ``num_steps`` model calls per CFG branch.
+
+    Example::
+
+        with toca_fx.generation(model, num_steps=50):
+            for t in scheduler.timesteps:
+                ...model(x, t)...
+    """
+    ctl = _controller(model)
+    ctl.new_generation(num_steps)
+    ctl._keep_steps = True
+    try:
+        yield ctl
+    finally:
+        ctl._keep_steps = False
+
+
+def explain(model) -> Explanation:
+    """Which block lists, block classes and residual branches were matched, and why not.
+
+    ``print(toca_fx.explain(model))`` prints a table; the object also holds the data.
+    """
+    return build_explanation(_controller(model))
+
+
+def stats(model) -> Stats:
+    """Fresh / partial calls, tokens recomputed per site, cache bytes, FLOPs (blocks only)."""
+    return build_stats(_controller(model))
+
+
+# -- diffusers pipelines ------------------------------------------------------------------------
+
+def _wrap_pipeline(pipe) -> None:
+    cls = type(pipe)
+    if getattr(cls, "_toca_fx_wrapped", False):
+        return
+    original_call = cls.__call__
+    sig = inspect.signature(original_call)
+    default_steps = sig.parameters.get("num_inference_steps")
+    default_steps = default_steps.default if default_steps is not None else None
+
+    @functools.wraps(original_call)
+    def __call__(self, *args, **kwargs):
+        steps = kwargs.get("num_inference_steps")
+        if steps is None:
+            try:
+                bound = sig.bind_partial(self, *args, **kwargs)
+                steps = bound.arguments.get("num_inference_steps", default_steps)
+            except TypeError:
+                steps = default_steps
+        with generation(self.transformer, num_steps=steps if isinstance(steps, int) else None):
+            return original_call(self, *args, **kwargs)
+
+    wrapped = type(cls.__name__, (cls,), {"__call__": __call__, "_toca_fx_wrapped": True,
+                                           "_toca_fx_original_class": cls, "__module__": cls.__module__})
+    pipe.__class__ = wrapped
+
+
+def _unwrap_pipeline(pipe) -> None:
+    original = getattr(type(pipe), "_toca_fx_original_class", None)
+    if original is not None:
+        pipe.__class__ = original

@@ -1,0 +1,119 @@
+"""`ToCaConfig`: the frozen, validated configuration of the pass, and its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+RATIO_SCHEDULES = ("constant", "toca-ddim50", "toca-ddpm250", "toca-pixart")
+SELF_ATTENTION_MODES = ("reuse", "partial")
+SCORES = ("toca", "v-norm", "k-norm", "random", "staleness")
+
+
+@dataclass(frozen=True)
+class ToCaConfig:
+    """How toca_fx caches. Frozen and validated; bad values raise ``ValueError``.
+
+    Example::
+
+        cfg = ToCaConfig(interval=3, fresh_ratio=0.07, ratio_schedule="toca-ddim50")
+        cfg2 = ToCaConfig.from_dict(cfg.to_dict())          # round-trip
+        cfg3 = ToCaConfig.preset("fora")
+    """
+
+    interval: int = 3
+    """N: a fresh step every N model calls (per CFG branch); the first call is always fresh."""
+    fresh_ratio: float = 0.1
+    """r0: the fraction of tokens recomputed on partial steps (before the ratio schedule)."""
+    ratio_schedule: str = "constant"
+    """"constant" or one of ToCa's schedules ("toca-ddim50", "toca-ddpm250", "toca-pixart")."""
+    self_attention: str = "reuse"
+    """"reuse": reuse the whole self-attention output on partial steps (ToCa's default);
+    "partial": the selected tokens' queries attend over freshly computed keys/values of all tokens."""
+    score: str = "toca"
+    """Token score: "toca" (s1/s2 + s3 + s4), "v-norm", "k-norm", "random", "staleness"."""
+    compile: bool = False
+    """Hand each captured variant graph to ``torch.compile``."""
+    staleness_weight: float = 0.25
+    """Weight of s3 (tokens not recomputed for a while rank higher)."""
+    spatial_bonus: float | None = None
+    """beta of s4; None picks ToCa's (0.6 without cross-attention, 0.4 with)."""
+    spatial_grid: int | None = None
+    """g of s4 (tile side); None picks ToCa's (2 without cross-attention, 4 with); 1 disables s4."""
+    num_steps: int | None = None
+    """Model calls per branch in one generation, when no pipeline or ``generation()`` says it."""
+    max_branches: int = 2
+    """Calls with the same timestep in a row count as CFG branches of one step, up to this many."""
+    timestep_arg: str | None = None
+    """Keyword carrying the timestep; None tries "timestep", "timesteps", "t"."""
+    probe: bool = True
+    """Confirm the token-locality proof numerically on the first call."""
+    seed: int = 0
+    """Seed of the generator behind the "random" score."""
+    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> None:
+            raise ValueError(f"ToCaConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
+
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
+            bad("interval", "an integer >= 1")
+        if not isinstance(self.fresh_ratio, (int, float)) or not 0.0 <= float(self.fresh_ratio) <= 1.0:
+            bad("fresh_ratio", "a number in [0, 1]")
+        if self.ratio_schedule not in RATIO_SCHEDULES:
+            bad("ratio_schedule", f"one of {RATIO_SCHEDULES}")
+        if self.self_attention not in SELF_ATTENTION_MODES:
+            bad("self_attention", f"one of {SELF_ATTENTION_MODES}")
+        if self.score not in SCORES:
+            bad("score", f"one of {SCORES}")
+        if not isinstance(self.compile, bool):
+            bad("compile", "True or False")
+        if not isinstance(self.staleness_weight, (int, float)) or self.staleness_weight < 0:
+            bad("staleness_weight", "a number >= 0")
+        if self.spatial_bonus is not None and (not isinstance(self.spatial_bonus, (int, float)) or self.spatial_bonus < 0):
+            bad("spatial_bonus", "None or a number >= 0")
+        if self.spatial_grid is not None and (not isinstance(self.spatial_grid, int) or self.spatial_grid < 1):
+            bad("spatial_grid", "None or an integer >= 1")
+        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+            bad("num_steps", "None or an integer >= 1")
+        if not isinstance(self.max_branches, int) or self.max_branches < 1:
+            bad("max_branches", "an integer >= 1")
+        if self.timestep_arg is not None and not isinstance(self.timestep_arg, str):
+            bad("timestep_arg", "None or a keyword name")
+        if not isinstance(self.seed, int):
+            bad("seed", "an integer")
+
+    # -- presets and round-trips ------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
+        """A named configuration from the papers, e.g. ``ToCaConfig.preset("toca-dit-ddim50")``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: allowed {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ToCaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown ToCaConfig fields {sorted(unknown)}: allowed {sorted(names - {'extra'})}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> "ToCaConfig":
+        return dataclasses.replace(self, **overrides)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ToCa, DiT-XL/2, DDIM 50 steps: N=3, r0=0.07, step/layer/module schedule with varying N.
+    "toca-dit-ddim50": dict(interval=3, fresh_ratio=0.07, ratio_schedule="toca-ddim50", score="toca"),
+    # ToCa, DiT-XL/2, DDPM 250 steps: N=4, r0=0.07.
+    "toca-dit-ddpm250": dict(interval=4, fresh_ratio=0.07, ratio_schedule="toca-ddpm250", score="toca"),
+    # ToCa, PixArt-alpha, 20 DPM-Solver++ steps: N=3, R=70% (r0=0.30).
+    "toca-pixart": dict(interval=3, fresh_ratio=0.30, ratio_schedule="toca-pixart", score="toca"),
+    # FORA: whole-module reuse between fresh steps.
+    "fora": dict(interval=3, fresh_ratio=0.0, ratio_schedule="constant", score="staleness"),
+}

@@ -1,0 +1,154 @@
+"""Graph surgery shared by the passes: copying, new inputs/outputs, token gather/scatter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..analysis.axes import Axes
+from ..analysis.graph import shape
+
+aten = torch.ops.aten
+
+
+@dataclass
+class VariantGraph:
+    """A rewritten block graph and the meaning of what it takes and returns beyond the original."""
+
+    name: str
+    gm: fx.GraphModule
+    actions: dict[str, str]                       # site name -> fresh | full | partial | reuse | compute
+    extra_inputs: list[tuple[str, str | None]]    # (role, site) appended after the user inputs
+    extra_outputs: list[tuple[str, str | None]]   # (role, site) appended after the user outputs
+    n_user_outputs: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class GraphBuilder:
+    """A copy of a captured graph with helpers to add inputs, outputs and token gathers."""
+
+    def __init__(self, src: fx.Graph):
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.outputs: list = []
+        for n in src.nodes:
+            if n.op == "output":
+                self.outputs = list(n.args[0])
+            else:
+                self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
+        self.outputs = [self.env[a] if isinstance(a, fx.Node) else a for a in self.outputs]
+        self.n_user_outputs = len(self.outputs)
+        self.extra_inputs: list[tuple[str, str | None]] = []
+        self.extra_outputs: list[tuple[str, str | None]] = []
+        self._last_placeholder = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        self.counts: dict[str, int] = {}
+
+    def bump(self, key: str, by: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + by
+
+    def add_input(self, role: str, site: str | None, name: str) -> fx.Node:
+        with self.graph.inserting_after(self._last_placeholder):
+            ph = self.graph.placeholder(name)
+        self._last_placeholder = ph
+        self.extra_inputs.append((role, site))
+        return ph
+
+    def add_output(self, role: str, site: str | None, node: fx.Node) -> None:
+        self.outputs.append(node)
+        self.extra_outputs.append((role, site))
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(target, args, kwargs)
+
+    def token_index(self, idx: fx.Node, k: fx.Node, like_shape: tuple[int, ...], ax: Axes) -> fx.Node:
+        """Expand (B, k) indices to gather/scatter along ``ax.token`` of a tensor shaped like_shape."""
+        nd = len(like_shape)
+        view_shape = [1] * nd
+        src = idx
+        if ax.batch is None:
+            raise ValueError("token gather needs a batch axis")
+        if ax.batch > ax.token:
+            src = self.call(aten.t.default, idx)
+        view_shape[ax.batch] = like_shape[ax.batch]
+        view_shape[ax.token] = k
+        v = self.call(aten.reshape.default, src, view_shape)
+        sizes = list(like_shape)
+        sizes[ax.token] = k
+        return self.call(aten.expand.default, v, sizes)
+
+    def gather_tokens(self, x: fx.Node, idx: fx.Node, k: fx.Node, ax: Axes, x_shape) -> fx.Node:
+        index = self.token_index(idx, k, x_shape, ax)
+        self.bump("gathers")
+        return self.call(aten.gather.default, x, ax.token, index)
+
+    def scatter_tokens_(self, cache: fx.Node, idx: fx.Node, k: fx.Node, ax: Axes, src: fx.Node, full_shape) -> fx.Node:
+        index = self.token_index(idx, k, full_shape, ax)
+        self.bump("scatters")
+        return self.call(aten.scatter_.src, cache, ax.token, index, src)
+
+    def finish(self, name: str, actions: dict[str, str]) -> VariantGraph:
+        self.graph.output(tuple(self.outputs))
+        before = len(self.graph.nodes)
+        eliminate_dead_code(self.graph)
+        self.bump("nodes_removed", before - len(self.graph.nodes))
+        self.graph.lint()
+        gm = fx.GraphModule(torch.nn.Module(), self.graph, class_name=name)
+        return VariantGraph(name=name, gm=gm, actions=dict(actions), extra_inputs=list(self.extra_inputs),
+                            extra_outputs=list(self.extra_outputs), n_user_outputs=self.n_user_outputs,
+                            counts=dict(self.counts))
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Erase calls whose results nobody reads, unless they mutate an input.
+
+    ``Graph.eliminate_dead_code`` keeps every random op (``aten.dropout`` included, even with
+    p=0), which would keep the full-token computation of every rewritten branch alive.
+    """
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function" or node.users:
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            continue
+        if schema is None and node.target is not getattr(__import__("operator"), "getitem"):
+            continue
+        graph.erase_node(node)
+
+
+_SIZED_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+
+
+def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node) -> fx.Node:
+    """Copy the site's region (computed on k tokens); returns the copy of F."""
+    rmap: dict[fx.Node, fx.Node] = {}
+
+    def m(a):
+        if a in rmap:
+            return rmap[a]
+        if a in gathered:
+            return gathered[a]
+        return a
+
+    for n in site.region:
+        src = b.env[n]
+        c = b.graph.node_copy(src, m)
+        c.meta.pop("val", None)
+        c.meta.pop("tensor_meta", None)
+        if src.target in _SIZED_VIEWS:
+            ax = site.region_axes[n]
+            sizes = list(c.args[1])
+            if sizes[ax.token] != -1:
+                sizes[ax.token] = k
+                c.args = (c.args[0], sizes) + tuple(c.args[2:])
+        rmap[src] = c
+    b.bump("region_nodes", len(site.region))
+    return rmap[b.env[site.value]]
+
+
+def static_shape(node: fx.Node) -> tuple[int, ...]:
+    s = shape(node)
+    if s is None:
+        raise ValueError(f"node {node.name} has no recorded shape")
+    return s

@@ -1,0 +1,53 @@
+"""Fresh variant: the original computation, plus each site's value and the score ingredients."""
+
+from __future__ import annotations
+
+from ..analysis.sites import BlockAnalysis
+from .common import GraphBuilder, VariantGraph
+from .scores import add_cross_map, add_norm, add_received_attention
+
+
+def score_source(analysis: BlockAnalysis, score: str):
+    """(ingredient, site) the configured score needs from a fresh step, or (None, None)."""
+    by_kind = {}
+    for s in analysis.sites:
+        if s.attention is not None:
+            by_kind.setdefault(s.kind, s)
+    if score == "toca":
+        if "cross_attn" in by_kind:
+            return "cross_map", by_kind["cross_attn"]
+        if "self_attn" in by_kind:
+            return "received", by_kind["self_attn"]
+        if "joint_attn" in by_kind:
+            return "received", by_kind["joint_attn"]
+    elif score in ("v-norm", "k-norm"):
+        src = by_kind.get("self_attn") or by_kind.get("joint_attn")
+        if src is not None:
+            return score[0] + "norm", src
+    return None, None
+
+
+def build_fresh(gm, analysis: BlockAnalysis, score: str) -> VariantGraph:
+    """Original graph + outputs: every cacheable site's F, then the score ingredient (if any).
+
+    Example::
+
+        v = build_fresh(capture.gm, analysis, "toca")
+        v.extra_outputs   # [('value', 'self_attn0'), ('value', 'mlp0'), ('received', None)]
+    """
+    b = GraphBuilder(gm.graph)
+    actions = {}
+    for s in analysis.sites:
+        if s.cacheable:
+            b.add_output("value", s.name, b.env[s.value])
+            actions[s.name] = "fresh"
+        else:
+            actions[s.name] = "compute"
+    what, site = score_source(analysis, score)
+    if what == "received":
+        add_received_attention(b, site.attention)
+    elif what == "cross_map":
+        add_cross_map(b, site.attention)
+    elif what in ("knorm", "vnorm"):
+        add_norm(b, site.attention, what[0])
+    return b.finish("ToCaFresh", actions)

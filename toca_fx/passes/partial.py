@@ -1,0 +1,60 @@
+"""Partial variant: per site, reuse the cache, recompute k selected tokens, or compute in full.
+
+For a ``partial`` site: ``idx = toca_fx.select_tokens(score, stale, k)``; gather the boundary
+inputs of the site's token-local region on ``idx``; run the region on k tokens; scatter the rows
+into the site's cache; every reader of F reads the whole cache. Key/value projections of
+self-attention stay outside the region and run on all tokens (queries attend over every key).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..analysis.sites import BlockAnalysis
+from ..runtime import ops  # noqa: F401  (registers toca_fx::select_tokens)
+from .common import GraphBuilder, VariantGraph, copy_region_on_k_tokens, static_shape
+
+
+def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: bool,
+                  stale_weight: float, inv_interval: float, bonus: float, grid: int) -> VariantGraph:
+    """Rewrite ``gm`` for one partial step; ``actions[site]`` is reuse | partial | full | compute.
+
+    Example::
+
+        v = build_partial(capture.gm, analysis, {"self_attn0": "reuse", "mlp0": "partial"},
+                          cfg=True, stale_weight=0.25, inv_interval=1/3, bonus=0.6, grid=2)
+        v.extra_inputs   # [('cache', 'self_attn0'), ('score', None), ('cache', 'mlp0'), ('stale', 'mlp0'), ('k', 'mlp0')]
+    """
+    b = GraphBuilder(gm.graph)
+    score_ph = None
+    for s in analysis.sites:
+        act = actions.get(s.name, "compute")
+        if act in ("compute",) or not s.cacheable:
+            continue
+        fv = b.env[s.value]
+        if act == "full":
+            b.add_output("value", s.name, fv)
+            continue
+        cache = b.add_input("cache", s.name, f"cache_{s.name}")
+        if act == "reuse":
+            fv.replace_all_uses_with(cache)
+            b.bump("reused_sites")
+            continue
+        if act != "partial" or not s.local:
+            raise ValueError(f"site {s.name}: action {act!r} is not possible ({s.reason})")
+        if score_ph is None:
+            score_ph = b.add_input("score", None, "score")
+        stale = b.add_input("stale", s.name, f"stale_{s.name}")
+        k = b.add_input("k", s.name, f"k_{s.name}")
+        with b.graph.inserting_before(fv):
+            idx = b.call(torch.ops.toca_fx.select_tokens.default, score_ph, stale, k,
+                         float(stale_weight), float(inv_interval), float(bonus), int(grid), bool(cfg))
+            gathered = {b.env[n]: b.gather_tokens(b.env[n], idx, k, ax, static_shape(n))
+                        for n, ax in s.boundary.items()}
+            f_k = copy_region_on_k_tokens(b, s, gathered, k)
+            full = b.scatter_tokens_(cache, idx, k, s.region_axes[s.value], f_k, static_shape(s.value))
+        users = [u for u in fv.users]
+        for u in users:
+            u.replace_input_with(fv, full)
+        b.bump("partial_sites")
+    return b.finish("ToCaPartial", actions)

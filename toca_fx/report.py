@@ -1,0 +1,154 @@
+"""``explain`` and ``stats``: what the pass matched and what the caches did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .runtime.entry import fresh_flops, original_flops, variant_flops
+
+
+@dataclass
+class SiteReport:
+    block_class: str
+    name: str
+    kind: str
+    module: str
+    token_axis: int
+    tokens: int
+    cached: bool
+    token_wise: bool
+    reason: str | None
+    probe: str
+
+
+@dataclass
+class EntryReport:
+    block_class: str
+    blocks: list[str]
+    signature: str
+    method: str | None
+    status: str
+    reason: str | None
+    sites: list[SiteReport] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    variants: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Explanation:
+    """What ``toca_fx.explain(model)`` returns; ``str()`` of it is a readable table."""
+
+    lists: list[dict]
+    entries: list[EntryReport]
+    notes: list[str]
+    config: dict
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        return [s for e in self.entries for s in e.sites]
+
+    def __str__(self) -> str:
+        lines = ["toca_fx: " + ", ".join(f"{k}={v}" for k, v in self.config.items()
+                                        if k in ("interval", "fresh_ratio", "ratio_schedule", "self_attention", "score", "compile"))]
+        lines.append("block lists:")
+        for bl in self.lists:
+            status = f"REJECTED: {bl['rejected']}" if bl["rejected"] else "transformed"
+            lines.append(f"  {bl['name'] or '<root>'}: {bl['count']} x {bl['class']} ({status})")
+        if not self.entries:
+            lines.append("  (not captured yet: blocks are captured on the first forward call)")
+        for e in self.entries:
+            lines.append(f"block class {e.block_class} [{e.method or '-'}] for {len(e.blocks)} block(s), "
+                         f"inputs {e.signature}: {e.status}" + (f" -- {e.reason}" if e.reason else ""))
+            if e.sites:
+                lines.append(f"    {'site':<12} {'kind':<11} {'module':<14} {'axis':>4} {'tokens':>6}  cached  token-wise  note")
+            for s in e.sites:
+                note = s.reason or (f"probe {s.probe}" if s.probe != "not run" else "")
+                lines.append(f"    {s.name:<12} {s.kind:<11} {s.module or '-':<14} {s.token_axis:>4} {s.tokens:>6}  "
+                             f"{'yes' if s.cached else 'no':<6}  {'yes' if s.token_wise else 'no':<10}  {note}")
+            for n in e.notes:
+                lines.append(f"    note: {n}")
+        for n in self.notes:
+            lines.append(f"skipped: {n}")
+        return "\n".join(lines)
+
+
+def _sig_str(sig) -> str:
+    tensors = [f"{tuple(k[1])}" for k in sig[1] if k[0] == "T"]
+    return ", ".join(tensors)
+
+
+def build_explanation(ctl) -> Explanation:
+    lists = [dict(name=bl.name, count=len(bl), cls=bl.cls, **{"class": bl.cls.__name__}, rejected=bl.rejected)
+             for bl in ctl.lists]
+    entries = []
+    for key, e in ctl.entries.items():
+        blocks = [rt.qualname for rt in ctl.blocks if key in rt.entry_keys]
+        rep = EntryReport(block_class=e.cls_name, blocks=blocks, signature=_sig_str(key[1]),
+                          method=e.capture.method if e.capture else None,
+                          status="unchanged" if e.failed else "rewritten", reason=e.failed,
+                          seconds=dict(e.seconds), variants=(1 if e.fresh else 0) + len(e.partials),
+                          notes=list(e.notes) + (list(e.analysis.notes) if e.analysis is not None else []))
+        for s in e.sites:
+            rep.sites.append(SiteReport(block_class=e.cls_name, name=s.name, kind=s.kind, module=s.module,
+                                        token_axis=s.axes.token, tokens=s.n_tokens, cached=s.cacheable,
+                                        token_wise=s.local, reason=s.reason, probe=s.probe))
+        entries.append(rep)
+    return Explanation(lists=lists, entries=entries, notes=list(ctl.discovery_notes), config=ctl.config.to_dict())
+
+
+@dataclass
+class Stats:
+    """What ``toca_fx.stats(model)`` returns; ``str()`` of it is a readable summary."""
+
+    calls: dict
+    blocks: dict
+    sites: dict
+    cache_bytes: int
+    flops_original: int
+    flops_actual: int
+    generations: int
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_original / self.flops_actual if self.flops_actual else float("nan")
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def __str__(self) -> str:
+        lines = [f"toca_fx stats: {self.calls.get('fresh', 0)} fresh / {self.calls.get('partial', 0)} partial model calls, "
+                 f"{self.generations} generation(s)",
+                 f"  transformer-block FLOPs: {self.flops_original / 1e9:.3f} G original -> {self.flops_actual / 1e9:.3f} G "
+                 f"({self.flops_ratio:.2f}x)", f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]
+        lines.append(f"  {'site':<28} {'fresh':>6} {'partial':>7} {'reuse':>6} {'full':>5}  tokens recomputed")
+        for name, d in self.sites.items():
+            frac = d["tokens"] / d["of"] if d["of"] else 0.0
+            lines.append(f"  {name:<28} {d.get('fresh', 0):>6} {d.get('partial', 0):>7} {d.get('reuse', 0):>6} "
+                         f"{d.get('full', 0):>5}  {frac:6.1%}")
+        return "\n".join(lines)
+
+
+def build_stats(ctl) -> Stats:
+    sites, blocks = {}, {}
+    cache = 0
+    by_name = {rt.qualname: rt for rt in ctl.blocks}
+    for rt in ctl.blocks:
+        blocks[rt.qualname] = dict(rt.stats)
+        for s, d in rt.site_stats.items():
+            sites[f"{rt.qualname}.{s}"] = dict(d)
+        cache += sum(st.nbytes() for st in rt.states.values())
+    f_orig = f_act = 0
+    for key, count in ctl.flop_log.items():
+        ekey, what, qual = key[0], key[1], key[2]
+        e = ctl.entries[ekey]
+        block = by_name[qual].module
+        f_orig += count * original_flops(e, block)
+        if what == "fresh":
+            f_act += count * fresh_flops(e, block)
+        else:
+            v = next(v for v in e.partials.values() if id(v) == what[1])
+            f_act += count * variant_flops(e, v, block, dict(key[3]))
+    return Stats(calls=dict(ctl.calls), blocks=blocks, sites=sites, cache_bytes=cache,
+                 flops_original=f_orig, flops_actual=f_act, generations=ctl.generations)

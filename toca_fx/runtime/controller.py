@@ -1,0 +1,135 @@
+"""The step controller: generations, CFG branches, and one fresh/partial decision per model call.
+
+Decisions are made here, in Python, before the model runs; the block graphs only execute them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..config import ToCaConfig
+from . import schedule
+
+log = logging.getLogger("toca_fx")
+
+_TIMESTEP_KEYS = ("timestep", "timesteps", "t")
+
+
+@dataclass
+class BranchCounter:
+    step: int = 0
+    last_fresh: int | None = None
+    seen_t: set = field(default_factory=set)
+
+
+@dataclass
+class CallInfo:
+    branch: Any
+    step: int
+    fresh: bool
+    progress: float | None
+
+
+def _shape_signature(args, kwargs) -> tuple:
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    return (str(spec), tuple((tuple(x.shape), x.dtype) for x in flat if isinstance(x, torch.Tensor)))
+
+
+class Controller:
+    def __init__(self, config: ToCaConfig):
+        self.config = config
+        self.blocks: list = []                 # BlockRuntime, in model order
+        self.entries: dict = {}                # (class, signature) -> Entry
+        self.lists: list = []
+        self.discovery_notes: list[str] = []
+        self.current: CallInfo | None = None
+        self.context_name: str | None = None   # set by diffusers' cache_context("cond"/"uncond")
+        self.flop_log: Counter = Counter()
+        self.calls = Counter()
+        self.generations = 0               # generations that made at least one call
+        self._first_call_checked = False
+        self.new_generation(None)
+
+    # -- generations -----------------------------------------------------------------------
+    def new_generation(self, num_steps: int | None = None) -> None:
+        self.num_steps = num_steps if num_steps is not None else self.config.num_steps
+        self.signature = None
+        self.branches: dict[Any, BranchCounter] = {}
+        self.last_t = None
+        self.branch_idx = 0
+        self.cfg: bool | None = None
+        for b in self.blocks:
+            b.clear()
+        self._started = False
+
+    def reset(self) -> None:
+        self.new_generation(None)
+
+    # -- per model call --------------------------------------------------------------------
+    def _timestep(self, args, kwargs) -> float | None:
+        keys = (self.config.timestep_arg,) if self.config.timestep_arg else _TIMESTEP_KEYS
+        for k in keys:
+            t = kwargs.get(k)
+            if t is None:
+                continue
+            if isinstance(t, torch.Tensor):
+                return float(t.reshape(-1)[0]) if t.numel() else None
+            if isinstance(t, (int, float)):
+                return float(t)
+        return None
+
+    def begin_call(self, args, kwargs) -> None:
+        sig = _shape_signature(args, kwargs)
+        if self.signature is not None and sig != self.signature:
+            log.info("toca_fx: input shapes changed: new generation")
+            self.new_generation(None)
+        self.signature = sig
+        t = self._timestep(args, kwargs)
+        if self.context_name is not None:
+            key = self.context_name
+            br = self.branches.get(key)
+            if br is not None and t is not None and t in br.seen_t:
+                self.new_generation(self.num_steps if self._keep_steps else None)
+                self.signature = sig
+        elif t is not None:
+            if self.last_t is not None and t == self.last_t and self.branch_idx + 1 < self.config.max_branches:
+                self.branch_idx += 1
+            elif any(t in b.seen_t for b in self.branches.values()):
+                self.new_generation(self.num_steps if self._keep_steps else None)
+                self.signature = sig
+                self.branch_idx = 0
+            else:
+                self.branch_idx = 0
+            key = self.branch_idx
+        else:
+            key = 0
+        br = self.branches.setdefault(key, BranchCounter())
+        if t is not None:
+            br.seen_t.add(t)
+        self.last_t = t
+        progress = None
+        if self.num_steps:
+            progress = min(br.step / self.num_steps, 1.0)
+        fresh = schedule.is_fresh(self.config, br.step, br.last_fresh, progress)
+        if fresh:
+            br.last_fresh = br.step
+        self.current = CallInfo(branch=key, step=br.step, fresh=fresh, progress=progress)
+        if not self._started:
+            self._started = True
+            self.generations += 1
+        self.calls["fresh" if fresh else "partial"] += 1
+
+    _keep_steps = False
+
+    def end_call(self) -> None:
+        if self.current is not None:
+            br = self.branches.get(self.current.branch)
+            if br is not None:
+                br.step += 1
+        self.current = None
