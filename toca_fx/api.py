@@ -124,9 +124,12 @@ def remove(model):
     return model
 
 
-def reset(model) -> None:
-    """Forget all caches: the next call starts a new generation (and is fresh)."""
-    _controller(model).reset()
+def reset(model, stats: bool = False) -> None:
+    """Forget all caches: the next call starts a new generation (and is fresh).
+
+    ``stats=True`` also zeroes what ``toca_fx.stats`` reports (it counts since ``transform``).
+    """
+    _controller(model).reset(stats=stats)
 
 
 @contextlib.contextmanager
@@ -157,7 +160,10 @@ def explain(model) -> Explanation:
 
 
 def stats(model) -> Stats:
-    """Fresh / partial calls, tokens recomputed per site, cache bytes, FLOPs (blocks only)."""
+    """Fresh / partial calls, tokens recomputed per site, cache bytes, FLOPs (blocks only).
+
+    Counts accumulate since ``transform`` or the last ``reset(model, stats=True)``.
+    """
     return build_stats(_controller(model))
 
 

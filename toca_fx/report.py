@@ -122,11 +122,16 @@ class Stats:
                  f"{self.generations} generation(s)",
                  f"  transformer-block FLOPs: {self.flops_original / 1e9:.3f} G original -> {self.flops_actual / 1e9:.3f} G "
                  f"({self.flops_ratio:.2f}x)", f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]
-        lines.append(f"  {'site':<28} {'fresh':>6} {'partial':>7} {'reuse':>6} {'full':>5}  tokens recomputed")
+        w = max([len(n) for n in self.sites] + [4])
+        lines.append(f"  {'site':<{w}} {'fresh':>6} {'partial':>7} {'reuse':>6} {'full':>5}  "
+                     "tokens computed (all calls / partial calls)")
         for name, d in self.sites.items():
             frac = d["tokens"] / d["of"] if d["of"] else 0.0
-            lines.append(f"  {name:<28} {d.get('fresh', 0):>6} {d.get('partial', 0):>7} {d.get('reuse', 0):>6} "
-                         f"{d.get('full', 0):>5}  {frac:6.1%}")
+            fresh_tokens = d.get("fresh", 0) * d.get("n", 0)
+            p_of = d["of"] - fresh_tokens
+            p_frac = (d["tokens"] - fresh_tokens) / p_of if p_of else 0.0
+            lines.append(f"  {name:<{w}} {d.get('fresh', 0):>6} {d.get('partial', 0):>7} {d.get('reuse', 0):>6} "
+                         f"{d.get('full', 0):>5}  {frac:6.1%} / {p_frac:6.1%}")
         return "\n".join(lines)
 
 

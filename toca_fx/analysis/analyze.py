@@ -6,6 +6,8 @@ module paths recorded by export are used only to label sites in ``explain``).
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -159,6 +161,8 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
             axes[n] = info.out
     attention_nodes = [n for n in order if is_attention(n) or packet(n) in (aten.softmax, aten._softmax)]
     mixing = [m for n in order if n in infos for m in infos[n].mixing_inputs]
+    # keys/values that depend on the stream make it self-attention even where their axes were lost
+    mixing += [a for n in order if is_attention(n) for a in n.args[1:3] if isinstance(a, fx.Node) and a in token_nodes]
     if mixing:
         joint = any(_joins_other_stream(g, m, token_nodes) for m in mixing)
         kind = "joint_attn" if joint else "self_attn"
@@ -205,6 +209,8 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
     for f in full:
         full_closure |= nx.ancestors(g, f) & token_nodes
     region -= full_closure
+    # an item of a multi-output node computed for all tokens is itself a boundary (lists cannot be gathered)
+    region -= {n for n in region if n.target is operator.getitem and n.args[0] not in region}
     bad = [n for n in region if n in failed or n not in axes]
     if bad:
         first = min(bad, key=all_nodes.index)

@@ -263,6 +263,16 @@ def _split(node, axes, n):
     return AxisInfo(ax)
 
 
+@rule(aten.unbind)
+def _unbind(node, axes, n):
+    a, ax = _single_input(node, axes)
+    d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape(a)))
+    if d in (ax.token, ax.batch):
+        raise NotLocal(f"{node.name}: unbinds the token or batch axis")
+    sh = lambda x: None if x is None else (x - 1 if x > d else x)
+    return AxisInfo(Axes(sh(ax.batch), sh(ax.token)))
+
+
 @rule(aten.slice, aten.narrow, aten.select)
 def _slice(node, axes, n):
     a, ax = _single_input(node, axes)

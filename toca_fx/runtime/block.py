@@ -32,6 +32,9 @@ class BlockRuntime:
         self.original_forward = module.forward
         self.states: dict = {}                 # branch -> BranchState
         self.entry_keys: set = set()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
         self.stats = {"fresh": 0, "partial": 0, "original": 0}
         self.site_stats: dict = {}             # site -> {"tokens": n computed, "of": n possible, actions...}
 
@@ -192,7 +195,7 @@ class BlockRuntime:
         return g
 
     def _count(self, site: str, action: str, tokens: int, of: int) -> None:
-        d = self.site_stats.setdefault(site, {"tokens": 0, "of": 0})
+        d = self.site_stats.setdefault(site, {"tokens": 0, "of": 0, "n": of})
         d["tokens"] += tokens
         d["of"] += of
         d[action] = d.get(action, 0) + 1

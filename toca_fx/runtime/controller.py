@@ -68,8 +68,14 @@ class Controller:
             b.clear()
         self._started = False
 
-    def reset(self) -> None:
+    def reset(self, stats: bool = False) -> None:
         self.new_generation(None)
+        if stats:
+            self.flop_log.clear()
+            self.calls.clear()
+            self.generations = 0
+            for b in self.blocks:
+                b.reset_stats()
 
     # -- per model call --------------------------------------------------------------------
     def _timestep(self, args, kwargs) -> float | None:

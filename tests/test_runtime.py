@@ -1,0 +1,152 @@
+"""Generations, CFG branches, reset/remove, and what the pass must never touch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import toca_fx
+from blocks import EscapingBlock, MixerBlock, Stack
+from conftest import diffusers, make_dit, rel_err, sample_dit
+
+EXACT = dict(interval=3, fresh_ratio=1.0, ratio_schedule="constant", self_attention="partial")
+
+
+def _call(model, t, x=None, labels=(1, 2)):
+    x = torch.randn(len(labels), 4, 8, 8, generator=torch.Generator().manual_seed(0)) if x is None else x
+    with torch.no_grad():
+        return model(x, timestep=torch.full((len(labels),), t), class_labels=torch.tensor(labels)).sample
+
+
+def test_state_dict_and_parameters_untouched():
+    model = make_dit()
+    keys = list(model.state_dict().keys())
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    ids = {k: id(v) for k, v in model.named_parameters()}
+    toca_fx.transform(model, interval=2, fresh_ratio=0.3)
+    sample_dit(model, steps=5)
+    assert list(model.state_dict().keys()) == keys
+    for k, v in model.named_parameters():
+        assert id(v) == ids[k] and torch.equal(v, params[k])
+    toca_fx.remove(model)
+    assert list(model.state_dict().keys()) == keys
+
+
+def test_timestep_restart_and_shape_change_start_new_generations():
+    model = make_dit()
+    toca_fx.transform(model, interval=3, fresh_ratio=0.3)
+    ctl = model._toca_fx
+    for t in (900, 800, 700):
+        _call(model, t)
+    assert ctl.calls == {"fresh": 1, "partial": 2}
+    _call(model, 900)                                   # the sequence starts again
+    assert ctl.generations == 2 and ctl.calls["fresh"] == 2
+    _call(model, 800, x=torch.randn(1, 4, 8, 8), labels=(3,))  # new batch size mid-generation
+    assert ctl.generations == 3 and ctl.calls["fresh"] == 3
+    toca_fx.reset(model)
+    _call(model, 700)
+    assert ctl.calls["fresh"] == 4
+
+
+def test_new_shape_recaptures_and_reuses_old_capture():
+    model = make_dit()
+    toca_fx.transform(model)
+    ctl = model._toca_fx
+    _call(model, 900)
+    _call(model, 900, x=torch.randn(1, 4, 8, 8), labels=(3,))
+    assert len(ctl.entries) == 2
+    _call(model, 900)
+    assert len(ctl.entries) == 2
+
+
+def _separate_cfg(model, steps=9, guidance=4.0, context=False):
+    """CFG as two model calls per step (cond, then uncond), like pipelines with true CFG."""
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    sch.set_timesteps(steps)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in sch.timesteps:
+            tt = torch.full((2,), int(t))
+            outs = []
+            for name, labels in (("cond", torch.tensor([0, 1])), ("uncond", torch.tensor([10, 10]))):
+                if context:
+                    with model.cache_context(name):
+                        outs.append(model(x, timestep=tt, class_labels=labels).sample[:, :4])
+                else:
+                    outs.append(model(x, timestep=tt, class_labels=labels).sample[:, :4])
+            e_c, e_u = outs
+            x = sch.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["same-timestep", "cache_context"])
+def test_separate_cfg_calls_get_one_cache_per_branch(context):
+    """Per-branch caches make two-call CFG equal to one-batch CFG under FORA reuse."""
+    model = make_dit()
+    batched = copy.deepcopy(model)
+    if context:
+        # diffusers models that support caching inherit CacheMixin, which provides cache_context()
+        from diffusers.models.cache_utils import CacheMixin
+
+        model.__class__ = type("DiTWithCacheContext", (CacheMixin, type(model)), {})
+    toca_fx.transform(batched, "fora")
+    toca_fx.transform(model, "fora")
+    with toca_fx.generation(batched, num_steps=9):
+        ref = sample_dit(batched, steps=9)
+    with toca_fx.generation(model, num_steps=9):
+        out = _separate_cfg(model, steps=9, context=context)
+    ctl = model._toca_fx
+    assert set(ctl.branches) == ({"cond", "uncond"} if context else {0, 1})
+    assert all(b.step == 9 for b in ctl.branches.values())      # steps counted per branch
+    assert ctl.calls == {"fresh": 6, "partial": 12}
+    assert rel_err(out, ref) < 1e-4
+    # and the branches really are cached: FORA differs from the uncached model
+    toca_fx.remove(model)
+    assert rel_err(_separate_cfg(model, steps=9), out) > 1e-4
+
+
+def test_non_cfg_batch_selects_tokens_per_sample():
+    model = make_dit()
+    toca_fx.transform(model, interval=2, fresh_ratio=0.25)
+    x = torch.randn(2, 4, 8, 8)
+    _call(model, 900, x=x)
+    assert model._toca_fx.cfg is False
+    toca_fx.reset(model)
+    _call(model, 900, x=torch.cat([x[:1], x[:1]]))
+    assert model._toca_fx.cfg is True
+
+
+@pytest.mark.parametrize("block", [lambda: EscapingBlock(16), lambda: MixerBlock(16, 8)], ids=["escaping", "mixer"])
+@pytest.mark.parametrize("overrides", [dict(interval=1), EXACT], ids=["all-fresh", "all-tokens"])
+def test_hand_written_blocks_stay_exact(block, overrides):
+    model = Stack([block() for _ in range(2)]).eval()
+    ref = copy.deepcopy(model)
+    toca_fx.transform(model, **overrides)
+    for t in (5, 4, 3, 2):
+        x = torch.randn(2, 8, 16)
+        with torch.no_grad():
+            assert rel_err(model(x, timestep=t), ref(x)) <= 1e-5
+
+
+def test_training_mode_runs_unchanged():
+    model = make_dit()
+    model.train()
+    toca_fx.transform(model, interval=1)
+    x = torch.randn(2, 4, 8, 8)
+    model(x, timestep=torch.tensor([5, 5]), class_labels=torch.tensor([1, 2]))
+    assert all(rt.stats["original"] == 1 for rt in model._toca_fx.blocks)
+
+
+def test_stats_accumulate_until_reset_with_stats():
+    model = make_dit()
+    toca_fx.transform(model, interval=2, fresh_ratio=0.25)
+    sample_dit(model, steps=4)
+    sample_dit(model, steps=4)
+    st = toca_fx.stats(model)
+    assert st.calls == {"fresh": 4, "partial": 4} and st.generations == 2
+    assert "tokens computed" in str(st)
+    toca_fx.reset(model, stats=True)
+    st = toca_fx.stats(model)
+    assert st.calls == {} and st.flops_actual == 0 and st.sites == {}

@@ -1,0 +1,216 @@
+"""Graph structure: sites found per block, ops in each variant, and cases that must not match."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import toca_fx
+from blocks import EscapingBlock, MixerBlock, MLPOnlyBlock, Stack
+from conftest import make_dit, make_pixart, pixart_text, rel_err
+from toca_fx.analysis import probe_site, run_with_override
+from toca_fx.runtime.entry import partial_variant
+
+aten = torch.ops.aten
+
+
+def _dit_call(model):
+    with torch.no_grad():
+        model(torch.randn(2, 4, 8, 8), timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 2]))
+
+
+def _pixart_call(model):
+    emb, mask = pixart_text(2)
+    with torch.no_grad():
+        model(torch.randn(2, 4, 8, 8), encoder_hidden_states=emb, encoder_attention_mask=mask,
+              timestep=torch.tensor([10, 10]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def _entry(model):
+    (e,) = model._toca_fx.entries.values()
+    return e
+
+
+def _ops(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+@pytest.mark.parametrize("make,call,kinds", [
+    (make_dit, _dit_call, ["self_attn", "mlp"]),
+    (make_pixart, _pixart_call, ["self_attn", "cross_attn", "mlp"]),
+], ids=["dit", "pixart"])
+def test_sites_per_block_and_one_capture_per_class(make, call, kinds):
+    model = make(num_layers=3)
+    toca_fx.transform(model)
+    call(model)
+    ctl = model._toca_fx
+    assert len(ctl.entries) == 1                         # one capture for 3 blocks of one class
+    e = _entry(model)
+    assert e.capture.method == "torch.export"
+    assert [s.kind for s in e.sites] == kinds
+    assert all(s.cacheable and s.local and s.axes.token == 1 and s.n_tokens == 16 for s in e.sites)
+    assert all(s.probe == "confirmed" for s in e.sites if s.kind != "self_attn")
+    rep = toca_fx.explain(model)
+    assert [s.kind for s in rep.sites] == kinds
+    assert rep.entries[0].blocks == [f"transformer_blocks.{i}" for i in range(3)]
+    text = str(rep)
+    for k in kinds:
+        assert k in text
+
+
+def test_dit_variant_ops():
+    model = make_dit(num_layers=2)
+    toca_fx.transform(model)
+    _dit_call(model)
+    e = _entry(model)
+    orig, fresh = e.capture.gm, e.fresh.gm
+    sdpa = aten.scaled_dot_product_attention.default
+    assert _ops(orig, sdpa) == _ops(fresh, sdpa) == 1
+    assert _ops(orig, aten._softmax.default) == 0 and _ops(fresh, aten._softmax.default) == 1   # s1 map, fresh only
+    assert [r for r, _ in e.fresh.extra_outputs] == ["value", "value", "received"]
+    v = partial_variant(e, {"self_attn0": "reuse", "mlp0": "partial"}, True, model._toca_fx.config)
+    g = v.gm
+    assert _ops(g, sdpa) == 0                                # reused attention is not computed at all
+    assert _ops(g, aten._softmax.default) == 0               # no attention map on partial steps
+    assert _ops(g, torch.ops.toca_fx.select_tokens.default) == 1
+    assert _ops(g, aten.gather.default) == 1 and _ops(g, aten.scatter_.src) == 1
+    # 3 conditioning linears (per-sample, not per-token) + 2 MLP linears; q/k/v/out are gone
+    assert _ops(orig, aten.linear.default) == 9 and _ops(g, aten.linear.default) == 5
+    assert v.counts["partial_sites"] == 1 and v.counts["reused_sites"] == 1
+    names = [n.name for n in g.graph.nodes if n.op == "placeholder"]
+    assert {"cache_self_attn0", "cache_mlp0", "stale_mlp0", "k_mlp0", "score"} <= set(names)
+
+
+def test_pixart_partial_attention_keeps_fused_sdpa_with_all_keys():
+    model = make_pixart(num_layers=2)
+    toca_fx.transform(model, self_attention="partial")
+    _pixart_call(model)
+    e = _entry(model)
+    v = partial_variant(e, {s.name: "partial" for s in e.sites}, True, model._toca_fx.config)
+    g = v.gm
+    sdpas = [n for n in g.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+    assert len(sdpas) == 2 and _ops(g, aten._softmax.default) == 0
+    # self-attention: queries gathered (k rows), keys/values from linears over all tokens
+    q, k, vv = sdpas[0].args[:3]
+    assert k.target != aten.gather.default and vv.target != aten.gather.default
+    assert _ops(g, aten.gather.default) == 3 and _ops(g, aten.scatter_.src) == 3
+    assert _ops(g, torch.ops.toca_fx.select_tokens.default) == 3
+    key_linears = [n for n in g.graph.nodes if n.target == aten.linear.default
+                   and n.args[0].target != aten.gather.default]
+    assert key_linears, "key/value projections must run on all tokens"
+
+
+def test_partial_variant_skips_unselected_rows_numerically():
+    """Rows not selected keep the cached value exactly; selected rows are recomputed."""
+    model = make_dit(num_layers=1)
+    toca_fx.transform(model)
+    _dit_call(model)
+    e = _entry(model)
+    blk = model.transformer_blocks[0]
+    v = partial_variant(e, {"self_attn0": "reuse", "mlp0": "partial"}, False, model._toca_fx.config)
+    x = torch.randn(2, 16, 32)
+    flat = [x, None, None, None, torch.tensor([5, 5]), None, torch.tensor([1, 2])]
+    lifted = e.capture.lifted_values(blk)
+    sentinel = torch.full((2, 16, 32), 123.0)
+    cache = {"self_attn0": torch.zeros(2, 16, 32), "mlp0": sentinel.clone()}
+    stale = torch.zeros(2, 16)
+    score = torch.zeros(2, 16)
+    score[:, 3] = 1.0
+    score[:, 7] = 0.9
+    extra = []
+    for role, site in v.extra_inputs:
+        extra.append({"cache": cache.get(site), "stale": stale, "score": score, "k": 2}[role])
+    with torch.no_grad():
+        v.gm(*lifted, *flat, *extra)
+    changed = (cache["mlp0"] != 123.0).any(-1)
+    assert changed[:, [3, 7]].all() and changed.sum() == 4
+    assert stale[:, [3, 7]].eq(0).all() and stale.sum() == 2 * 14
+
+
+# -- negative cases --------------------------------------------------------------------------
+
+def test_escaping_branch_output_is_not_cached():
+    model = Stack([EscapingBlock(16) for _ in range(2)]).eval()
+    ref = copy.deepcopy(model)
+    toca_fx.transform(model, interval=2, fresh_ratio=0.5)
+    x = torch.randn(2, 16, 16)
+    with torch.no_grad():
+        for t in (3, 2, 1):
+            out = model(x, timestep=t)
+    e = _entry(model)
+    mlp = [s for s in e.sites if s.kind == "mlp"]
+    assert len(mlp) == 1 and not mlp[0].cacheable
+    assert "escapes" in mlp[0].reason
+    assert "escapes" in str(toca_fx.explain(model))
+    assert e.fresh.extra_outputs == [("value", "self_attn0"), ("received", None)]
+    assert st_actions(model, mlp[0].name) == {"fresh", "compute"}
+    # the attention site is still cached: partial calls reuse it
+    assert st_actions(model, "self_attn0") == {"fresh", "reuse"}
+
+
+def st_actions(model, site):
+    st = toca_fx.stats(model)
+    acts = set()
+    for key, d in st.sites.items():
+        if key.endswith("." + site):
+            acts |= {a for a in ("fresh", "partial", "reuse", "full", "compute") if d.get(a)}
+    return acts
+
+
+def test_token_mixing_mlp_is_not_rewritten_token_wise():
+    model = Stack([MixerBlock(16, 8) for _ in range(2)]).eval()
+    ref = copy.deepcopy(model)
+    toca_fx.transform(model, interval=2, fresh_ratio=0.5, self_attention="partial")
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        model(x, timestep=2)
+        out = model(x, timestep=1)
+    e = _entry(model)
+    mix = [s for s in e.sites if s.kind == "other"]
+    assert len(mix) == 1 and mix[0].cacheable and not mix[0].local
+    assert "contracts the token axis" in mix[0].reason
+    assert "contracts the token axis" in str(toca_fx.explain(model))
+    # partial step: the mixing branch is computed in full, never gathered
+    st = toca_fx.stats(model)
+    assert all(d.get("full", 0) == 1 for k, d in st.sites.items() if k.endswith(mix[0].name))
+
+
+def test_probe_refutes_a_false_locality_claim():
+    model = make_dit(num_layers=1)
+    toca_fx.transform(model)
+    _dit_call(model)
+    e = _entry(model)
+    blk = model.transformer_blocks[0]
+    inputs = e.capture.lifted_values(blk) + [torch.randn(2, 16, 32), None, None, None, torch.tensor([5, 5]), None,
+                                             torch.tensor([1, 2])]
+    attn = e.sites[0]
+    base = run_with_override(e.capture.gm, inputs, watch=[attn.value])
+    assert "changed token" in probe_site(e.capture.gm, inputs, attn, base)   # self-attention mixes tokens
+    mlp = e.sites[1]
+    base = run_with_override(e.capture.gm, inputs, watch=[mlp.value])
+    assert probe_site(e.capture.gm, inputs, mlp, base) is None
+
+
+def test_no_transformer_blocks():
+    with pytest.raises(toca_fx.ToCaError, match="no transformer blocks.*no nn.ModuleList"):
+        toca_fx.transform(nn.Sequential(nn.Linear(4, 4), nn.GELU()))
+    model = Stack([MLPOnlyBlock(8) for _ in range(3)])
+    toca_fx.transform(model)
+    with pytest.raises(toca_fx.ToCaError, match="blocks.*no attention"):
+        with torch.no_grad():
+            model(torch.randn(1, 4, 8), timestep=1)
+    assert "_toca_fx" not in model.__dict__              # left unchanged
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_transform_twice_raises():
+    model = make_dit(num_layers=1)
+    toca_fx.transform(model)
+    with pytest.raises(toca_fx.ToCaError, match="already transformed"):
+        toca_fx.transform(model)
+    toca_fx.remove(model)
+    with pytest.raises(toca_fx.ToCaError, match="not transformed"):
+        toca_fx.remove(model)
