@@ -150,3 +150,19 @@ def test_stats_accumulate_until_reset_with_stats():
     toca_fx.reset(model, stats=True)
     st = toca_fx.stats(model)
     assert st.calls == {} and st.flops_actual == 0 and st.sites == {}
+
+
+def test_caches_are_named_non_persistent_buffers():
+    model = make_dit(num_layers=2)
+    keys = list(model.state_dict().keys())
+    toca_fx.transform(model, interval=2, fresh_ratio=0.25)
+    sample_dit(model, steps=3)
+    names = dict(model.named_buffers())
+    assert "_toca_fx_state.transformer_blocks__1.branch_0.value_mlp0" in names
+    assert "_toca_fx_state.transformer_blocks__0.branch_0.stale_self_attn0" in names
+    assert "value_mlp0" not in "".join(model.state_dict().keys()) and list(model.state_dict().keys()) == keys
+    assert "BranchState(self_attn0: (4, 16, 32), mlp0: (4, 16, 32))" in str(model)
+    assert toca_fx.stats(model).cache_bytes == sum(b.numel() * b.element_size() for n, b in names.items()
+                                                   if n.startswith("_toca_fx_state."))
+    toca_fx.remove(model)
+    assert not any(n.startswith("_toca_fx_state") for n, _ in model.named_buffers())

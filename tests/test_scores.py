@@ -75,7 +75,7 @@ def test_fresh_step_computes_the_attention_map_dit():
     sample_dit(model, steps=4)
     (e,) = model._toca_fx.entries.values()
     assert e.score_role == "received"
-    st = model._toca_fx.blocks[0].states[0]
+    st = model._toca_fx.blocks[0].states.get(0)
     # s1 is the L2-normalised attention received by each token: unit norm, positive
     assert torch.allclose(st.score.norm(dim=1), torch.ones(st.score.shape[0]))
     assert (st.score > 0).all()
@@ -87,7 +87,7 @@ def test_pixart_scores_from_cross_attention_entropy():
     sample_pixart(model, steps=4)
     (e,) = model._toca_fx.entries.values()
     assert e.score_role == "cross_map" and e.bonus == 0.4 and e.grid == 4
-    st = model._toca_fx.blocks[0].states[0]
+    st = model._toca_fx.blocks[0].states.get(0)
     b = st.score.shape[0]
     assert torch.equal(st.score[: b // 2], st.score[b // 2:])        # CFG halves share one score
 

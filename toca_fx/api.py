@@ -17,9 +17,11 @@ from .report import Explanation, Stats, build_explanation, build_stats
 from .runtime import diffusers_context
 from .runtime.block import BlockRuntime
 from .runtime.controller import Controller
+from .runtime.state import ToCaState
 
 log = logging.getLogger("toca_fx")
 _ATTR = "_toca_fx"
+STATE_NAME = "_toca_fx_state"
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -74,10 +76,12 @@ def transform(model, config: ToCaConfig | str | dict | None = None, **overrides)
     ctl = Controller(config)
     ctl.lists = lists
     ctl.discovery_notes = notes
+    state = ToCaState()
     for bl in lists:
         for i, (mod, name) in enumerate(zip(bl.modules, bl.names)):
-            rt = BlockRuntime(mod, name, i, len(bl), ctl, bl)
+            rt = BlockRuntime(mod, name, i, len(bl), ctl, bl, state.block(name))
             ctl.blocks.append(rt)
+    model.add_module(STATE_NAME, state)
     for rt in ctl.blocks:
         rt.install()
     ctl.hooks = [
@@ -120,6 +124,8 @@ def remove(model):
         rt.clear()
     for h in getattr(ctl, "hooks", []):
         h.remove()
+    if STATE_NAME in model._modules:
+        del model._modules[STATE_NAME]
     diffusers_context.detach(model)
     return model
 

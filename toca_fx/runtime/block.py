@@ -11,7 +11,7 @@ from ..capture import CaptureFailure, capture_block, signature_of
 from . import schedule
 from .entry import Entry, build_entry, partial_variant, runner
 from .scores import base_score
-from .state import BranchState
+from .state import BlockState, BranchState
 
 log = logging.getLogger("toca_fx")
 
@@ -21,7 +21,8 @@ _MIXING = ("self_attn", "joint_attn")
 class BlockRuntime:
     """Replaces ``block.forward`` (an instance attribute, removed again by ``toca_fx.remove``)."""
 
-    def __init__(self, module: nn.Module, qualname: str, layer: int, num_layers: int, controller, blist):
+    def __init__(self, module: nn.Module, qualname: str, layer: int, num_layers: int, controller, blist,
+                 states: BlockState):
         self.module = module
         self.qualname = qualname
         self.layer = layer
@@ -30,7 +31,7 @@ class BlockRuntime:
         self.blist = blist
         self.had_instance_forward = "forward" in module.__dict__
         self.original_forward = module.forward
-        self.states: dict = {}                 # branch -> BranchState
+        self.states = states                   # branch -> BranchState (submodules: visible in print(model))
         self.entry_keys: set = set()
         self.reset_stats()
 
@@ -90,7 +91,7 @@ class BlockRuntime:
         st = self.states.get(call.branch)
         if st is None or st.key != e.key:
             st = BranchState(e.key)
-            self.states[call.branch] = st
+            self.states.set(call.branch, st)
         if ctl.cfg is None:
             x = flat[e.stream_index]
             b = x.shape[0]
