@@ -85,7 +85,7 @@ def build_explanation(ctl) -> Explanation:
     entries = []
     for key, e in ctl.entries.items():
         blocks = [rt.qualname for rt in ctl.blocks if key in rt.entry_keys]
-        rep = EntryReport(block_class=e.cls_name, blocks=blocks, signature=_sig_str(key[1]),
+        rep = EntryReport(block_class=e.cls_name, blocks=blocks, signature=_sig_str(key[-1]),
                           method=e.capture.method if e.capture else None,
                           status="unchanged" if e.failed else "rewritten", reason=e.failed,
                           seconds=dict(e.seconds), variants=(1 if e.fresh else 0) + len(e.partials),

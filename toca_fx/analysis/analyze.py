@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from .axes import Axes, AxisInfo, NotLocal, propagate
 from .graph import packet, shape, to_nx, val
-from .residual import SpineError, find_stream, trace_spine
+from .residual import SpineError, find_streams, joint_root, residual_adds
 from .sites import BlockAnalysis, Site
 
 aten = torch.ops.aten
@@ -92,29 +92,44 @@ def analyze_block(gm: fx.GraphModule, n_lifted: int) -> BlockAnalysis:
     if not res.has_attention:
         res.rejected = "no attention (scaled_dot_product_attention or softmax(QK^T)V) in the captured graph"
         return res
+    g = to_nx(graph)
     try:
-        x0, out = find_stream(gm, n_lifted)
-        g = to_nx(graph)
-        adds = trace_spine(g, x0, out)
+        pairs = find_streams(gm, n_lifted, g)
     except SpineError as exc:
         res.rejected = f"no residual stream: {exc}"
         return res
-    res.stream_input, res.stream_output = x0, out
-    n_tokens = shape(x0)[1]
-    res.n_tokens = n_tokens
-    if not adds:
+    streams, roots = [], set()
+    for x0, out in pairs:
+        st = residual_adds(graph, g, x0, out)
+        if not st.adds:
+            root = joint_root(g, x0)
+            if root is not None:
+                if root in roots:
+                    continue       # the other half of a joint sequence already analysed
+                roots.add(root)
+                st = residual_adds(graph, g, root, out)
+                res.notes.append(f"stream {x0.name} is joined with other tokens at {root.name}: "
+                                 f"all {shape(root)[1]} tokens are treated alike")
+        streams.append(st)
+    res.stream_input, res.stream_output = pairs[0]
+    res.streams = streams
+    res.n_tokens = shape(streams[0].input)[1] if streams else shape(pairs[0][0])[1]
+    if not any(st.adds for st in streams):
         res.rejected = "no residual branch found on the stream"
         return res
-    spine_nodes = {x0} | {a.add for a in adds}
-    counts: dict[str, int] = {}
-    for ra in adds:
-        site = _build_site(g, ra, x0, spine_nodes, n_tokens, res)
-        if site is None:
-            continue
-        idx = counts.get(site.kind, 0)
-        counts[site.kind] = idx + 1
-        site.name = f"{site.kind}{idx}"
-        res.sites.append(site)
+    for si, st in enumerate(streams):
+        spine_nodes = set(st.nodes)
+        n_tokens = shape(st.input)[1]
+        counts: dict[str, int] = {}
+        for ra in st.adds:
+            site = _build_site(g, ra, st.input, spine_nodes, n_tokens, res)
+            if site is None:
+                continue
+            idx = counts.get(site.kind, 0)
+            counts[site.kind] = idx + 1
+            site.name = f"{site.kind}{idx}" if si == 0 else f"s{si}_{site.kind}{idx}"
+            site.stream = si
+            res.sites.append(site)
     if not res.sites:
         res.rejected = "no residual branch reads the stream"
     return res
@@ -123,9 +138,12 @@ def analyze_block(gm: fx.GraphModule, n_lifted: int) -> BlockAnalysis:
 def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | None:
     branch = ra.branch
     anc = nx.ancestors(g, branch) | {branch}
-    # nodes computed only for this branch: not already needed to reach the stream value it adds to
-    own = anc - nx.ancestors(g, ra.spine_in) - {ra.spine_in}
-    read_spine = [s for s in spine_nodes if s in anc and any(u in own and u not in spine_nodes for u in s.users)]
+    # nodes computed only for this branch: not needed to reach any stream value it depends on
+    own = set(anc)
+    for s in spine_nodes:
+        if s in anc:
+            own -= nx.ancestors(g, s) | {s}
+    read_spine = [s for s in spine_nodes if s in anc and any(u in own for u in s.users)]
     if not read_spine:
         res.notes.append(f"{ra.add.name}: added value does not depend on the stream (not a branch)")
         return None
@@ -164,8 +182,11 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
     # keys/values that depend on the stream make it self-attention even where their axes were lost
     mixing += [a for n in order if is_attention(n) for a in n.args[1:3] if isinstance(a, fx.Node) and a in token_nodes]
     if mixing:
-        joint = any(_joins_other_stream(g, m, token_nodes) for m in mixing)
+        joint = any(_joins_other_stream(g, m, token_nodes - {x_in}) for m in mixing)
         kind = "joint_attn" if joint else "self_attn"
+        # attention and a token-wise path (MLP) side by side into one output: a parallel block
+        if not joint and nx.has_path(g.subgraph(token_nodes - set(attention_nodes)), x_in, value):
+            kind = "parallel"
     elif attention_nodes:
         kind = "cross_attn"
     elif value in axes and not failed:
@@ -178,6 +199,8 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
     module = _common_module([attn] if attn is not None else (weighted or [n for n in order if n is not x_in]))
     site = Site(name="", kind=kind, module=module, add=ra.add, value=value, gate=gate, stream_in=x_in,
                 axes=axes.get(value, Axes(0, 1)), n_tokens=n_tokens, attention=attn)
+    if kind == "joint_attn" and attn is not None:
+        site.key_segment = _key_segment(g, attn, token_nodes)
     # -- may F be reused? (its value must flow only into the residual add) -----------------
     allowed_users = {gate and _gate_mul(value, gate), ra.add} - {None}
     escapes = [u for u in value.users if u not in allowed_users]
@@ -223,18 +246,37 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
         if out_users:
             site.reason = f"{n.name} inside the branch is also read by {out_users[0].name}"
             return site
-    boundary: dict[fx.Node, Axes] = {}
+    boundary: dict = {}
     for n in region:
         for a in n.all_input_nodes:
             if a in token_nodes and a not in region and a not in infos[n].mixing_inputs:
                 boundary[a] = axes[a]
-        for ext, ax in infos[n].external:
-            boundary[ext] = ax
+        for ext in infos[n].external:
+            if ext.node in boundary and boundary[ext.node] != ext:
+                site.reason = f"per-token input {ext.node.name} is read with two different layouts"
+                return site
+            boundary[ext.node] = ext
     site.region = [n for n in all_nodes if n in region]
     site.boundary = boundary
     site.region_axes = {n: axes[n] for n in region}
     site.local = True
     return site
+
+
+def _key_segment(g, attn: fx.Node, token_nodes: set) -> tuple[int, int] | None:
+    """Where this stream's tokens sit on the key axis of a joint attention: (offset, length)."""
+    k = attn.args[1]
+    for n in [k] + sorted(nx.ancestors(g, k), key=lambda x: -len(nx.ancestors(g, x))):
+        if n.op == "call_function" and packet(n) is aten.cat and n in token_nodes:
+            parts = [a for a in n.args[0] if isinstance(a, fx.Node)]
+            d = n.args[1] if len(n.args) > 1 else 0
+            d = d % len(shape(n))
+            off = 0
+            for a in parts:
+                if a in token_nodes:
+                    return off, shape(a)[d]
+                off += shape(a)[d]
+    return None
 
 
 def _gate_mul(value: fx.Node, gate: fx.Node) -> fx.Node | None:

@@ -36,11 +36,27 @@ class Axes:
     token: int
 
 
+@dataclass(frozen=True)
+class External:
+    """A per-token input that does not come from the stream (a positional table, a RoPE factor,
+    a per-query mask): gathered on its token axis like the stream.
+
+    ``axes`` are its own axes (``batch`` None when it has no batch axis, e.g. RoPE's (N, d));
+    ``out_ndim`` / ``out_batch`` say how it broadcasts against the op's output, so a batch-less
+    table can be expanded to one row per sample before the per-sample gather.
+    """
+
+    node: fx.Node
+    axes: Axes
+    out_ndim: int
+    out_batch: int | None
+
+
 @dataclass
 class AxisInfo:
     out: Axes | None                         # axes of the node's output (None: not token-carrying)
     mixing_inputs: list[fx.Node] = field(default_factory=list)   # key/value side of attention
-    external: list[tuple[fx.Node, Axes]] = field(default_factory=list)  # per-token inputs not from the stream
+    external: list[External] = field(default_factory=list)       # per-token inputs not from the stream
 
 
 Rule = Callable[[fx.Node, dict, int], AxisInfo]
@@ -101,10 +117,12 @@ def _broadcast(node: fx.Node, axes: dict, n_tokens: int, inputs: list) -> AxisIn
             if 0 <= d < len(s) and s[d] != 1:
                 if s[d] != out_shape[result.token]:
                     raise NotLocal(f"{node.name}: input {a.name} has size {s[d]} on the token axis")
-                db = None if result.batch is None else result.batch - off
-                if db is not None and not (0 <= db < len(s) and s[db] == out_shape[result.batch]):
-                    raise NotLocal(f"{node.name}: per-token input {a.name} has no batch axis (not supported)")
-                info.external.append((a, Axes(db, d)))
+                if result.batch is None:
+                    raise NotLocal(f"{node.name}: per-token input {a.name} without a batch axis on either side")
+                db = result.batch - off
+                if not (0 <= db < len(s) and s[db] == out_shape[result.batch]):
+                    db = None      # broadcast over the batch: expanded before the gather
+                info.external.append(External(a, Axes(db, d), out_nd, result.batch))
     return info
 
 
@@ -299,6 +317,21 @@ def _cat(node, axes, n):
     return info
 
 
+@rule(aten.stack)
+def _stack(node, axes, n):
+    tensors = node.args[0]
+    nd = _out_ndim(node)
+    d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    ins = [a for a in tensors if isinstance(a, fx.Node)]
+    if any(a not in axes for a in ins):
+        raise NotLocal(f"{node.name}: stacks token-carrying and other tensors")
+    first = axes[ins[0]]
+    if any(axes[a] != first for a in ins):
+        raise NotLocal(f"{node.name}: stacked inputs carry tokens on different axes")
+    sh = lambda x: None if x is None else (x + 1 if x >= d else x)
+    return AxisInfo(Axes(sh(first.batch), sh(first.token)))
+
+
 @rule(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu)
 def _sdpa(node, axes, n):
     q, k, v = node.args[0], node.args[1], node.args[2]
@@ -323,10 +356,8 @@ def _sdpa(node, axes, n):
         off = nd - len(ms)
         dq = nd - 2 - off
         if 0 <= dq < len(ms) and ms[dq] != 1:
-            db = 0 - off if ms[0 - off] == shape(q)[0] else None
-            if db is None:
-                raise NotLocal(f"{node.name}: per-query attention mask without batch axis (not supported)")
-            info.external.append((mask, Axes(db, dq)))
+            db = -off if 0 <= -off < len(ms) and ms[-off] == shape(q)[0] else None
+            info.external.append(External(mask, Axes(db, dq), nd, qa.batch))
     return info
 
 

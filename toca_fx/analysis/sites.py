@@ -32,6 +32,8 @@ class Site:
     region_axes: dict = field(default_factory=dict)            # region node -> Axes of its output
     attention: fx.Node | None = None  # the attention op of the branch (SDPA), if any
     probe: str = "not run"            # result of the numeric locality probe
+    stream: int = 0                   # index of the token stream (0: the one with most tokens)
+    key_segment: tuple | None = None  # joint attention: (offset, length) of this stream on the key axis
 
     @property
     def shape(self):
@@ -49,6 +51,7 @@ class BlockAnalysis:
     rejected: str | None = None       # reason the whole block is left unchanged
     notes: list[str] = field(default_factory=list)
     n_tokens: int = 0
+    streams: list = field(default_factory=list)
 
     def site(self, name: str) -> Site:
         for s in self.sites:

@@ -36,6 +36,27 @@ def signature_of(args: tuple, kwargs: dict) -> tuple:
     return (str(spec), tuple(_leaf_key(x) for x in flat))
 
 
+def structure_of(module: nn.Module, numbers: bool = True) -> tuple:
+    """A hashable key of a block's structure: its submodule tree (names, classes), parameter and
+    buffer names/shapes/dtypes, and the plain-valued attributes of every submodule.
+
+    Blocks of one class can differ (a last block without a context output, a flag that changes
+    control flow): a capture is shared only between blocks with the same structure. With
+    ``numbers=False`` int/float attributes are left out (a layer index differs in every block;
+    the runtime checks such peers numerically before sharing a capture).
+    """
+    kinds = (bool, str, int, float) if numbers else (bool, str)
+    parts = []
+    for name, m in module.named_modules():
+        attrs = tuple(sorted((k, v) for k, v in vars(m).items()
+                             if not k.startswith("_") and k != "training"
+                             and (v is None or (isinstance(v, kinds) and (numbers or type(v) in (bool, str))))))
+        params = tuple((k, tuple(p.shape), p.dtype) for k, p in m.named_parameters(recurse=False))
+        bufs = tuple((k, tuple(b.shape), b.dtype) for k, b in m.named_buffers(recurse=False))
+        parts.append((name, type(m).__qualname__, attrs, params, bufs))
+    return tuple(parts)
+
+
 class CaptureFailure(Exception):
     """The block could not be captured in one graph; the message is the reason."""
 

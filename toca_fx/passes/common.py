@@ -83,6 +83,23 @@ class GraphBuilder:
         self.bump("gathers")
         return self.call(aten.gather.default, x, ax.token, index)
 
+    def gather_external(self, x: fx.Node, idx: fx.Node, k: fx.Node, ext, x_shape, batch: int) -> fx.Node:
+        """Gather a per-token input that is not from the stream, in the layout of the op reading it.
+
+        A batch-less table (RoPE's (N, d)) is viewed with the op's rank and expanded to one row per
+        sample first, so the per-sample gather gives a (B, ..., k, ...) tensor that broadcasts.
+        """
+        if ext.axes.batch is not None:
+            return self.gather_tokens(x, idx, k, ext.axes, x_shape)
+        off = ext.out_ndim - len(x_shape)
+        full = [1] * off + list(x_shape)
+        if ext.out_batch is None or full[ext.out_batch] != 1:
+            raise ValueError("cannot align a batch-less per-token input")
+        v = self.call(aten.reshape.default, x, full)
+        full[ext.out_batch] = batch
+        v = self.call(aten.expand.default, v, list(full))
+        return self.gather_tokens(v, idx, k, Axes(ext.out_batch, ext.axes.token + off), tuple(full))
+
     def scatter_tokens_(self, cache: fx.Node, idx: fx.Node, k: fx.Node, ax: Axes, src: fx.Node, full_shape) -> fx.Node:
         index = self.token_index(idx, k, full_shape, ax)
         self.bump("scatters")

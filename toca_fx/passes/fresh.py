@@ -11,18 +11,19 @@ def score_source(analysis: BlockAnalysis, score: str):
     """(ingredient, site) the configured score needs from a fresh step, or (None, None)."""
     by_kind = {}
     for s in analysis.sites:
-        if s.attention is not None:
+        if s.attention is not None and s.stream == 0:
             by_kind.setdefault(s.kind, s)
     if score == "toca":
         if "cross_attn" in by_kind:
             return "cross_map", by_kind["cross_attn"]
-        if "self_attn" in by_kind:
-            return "received", by_kind["self_attn"]
-        if "joint_attn" in by_kind:
+        for kind in ("self_attn", "parallel"):
+            if kind in by_kind:
+                return "received", by_kind[kind]
+        if "joint_attn" in by_kind and by_kind["joint_attn"].key_segment is not None:
             return "received", by_kind["joint_attn"]
     elif score in ("v-norm", "k-norm"):
-        src = by_kind.get("self_attn") or by_kind.get("joint_attn")
-        if src is not None:
+        src = by_kind.get("self_attn") or by_kind.get("parallel") or by_kind.get("joint_attn")
+        if src is not None and (src.kind == "self_attn" or src.key_segment is not None):
             return score[0] + "norm", src
     return None, None
 
@@ -45,9 +46,9 @@ def build_fresh(gm, analysis: BlockAnalysis, score: str) -> VariantGraph:
             actions[s.name] = "compute"
     what, site = score_source(analysis, score)
     if what == "received":
-        add_received_attention(b, site.attention)
+        add_received_attention(b, site.attention, site.key_segment)
     elif what == "cross_map":
         add_cross_map(b, site.attention)
     elif what in ("knorm", "vnorm"):
-        add_norm(b, site.attention, what[0])
+        add_norm(b, site.attention, what[0], site.key_segment)
     return b.finish("ToCaFresh", actions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..analysis.axes import External
 from ..analysis.sites import BlockAnalysis
 from ..runtime import ops  # noqa: F401  (registers toca_fx::select_tokens)
 from .common import GraphBuilder, VariantGraph, copy_region_on_k_tokens, static_shape
@@ -23,10 +24,10 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
 
         v = build_partial(capture.gm, analysis, {"self_attn0": "reuse", "mlp0": "partial"},
                           cfg=True, stale_weight=0.25, inv_interval=1/3, bonus=0.6, grid=2)
-        v.extra_inputs   # [('cache', 'self_attn0'), ('score', None), ('cache', 'mlp0'), ('stale', 'mlp0'), ('k', 'mlp0')]
+        v.extra_inputs   # [('cache', 'self_attn0'), ('cache', 'mlp0'), ('score', '0'), ('stale', 'mlp0'), ('k', 'mlp0')]
     """
     b = GraphBuilder(gm.graph)
-    score_ph = None
+    score_ph: dict[int, object] = {}     # stream -> its base score input (B, N_stream)
     for s in analysis.sites:
         act = actions.get(s.name, "compute")
         if act in ("compute",) or not s.cacheable:
@@ -42,14 +43,16 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
             continue
         if act != "partial" or not s.local:
             raise ValueError(f"site {s.name}: action {act!r} is not possible ({s.reason})")
-        if score_ph is None:
-            score_ph = b.add_input("score", None, "score")
+        if s.stream not in score_ph:
+            score_ph[s.stream] = b.add_input("score", str(s.stream), "score" if s.stream == 0 else f"score_s{s.stream}")
         stale = b.add_input("stale", s.name, f"stale_{s.name}")
         k = b.add_input("k", s.name, f"k_{s.name}")
         with b.graph.inserting_before(fv):
-            idx = b.call(torch.ops.toca_fx.select_tokens.default, score_ph, stale, k,
+            idx = b.call(torch.ops.toca_fx.select_tokens.default, score_ph[s.stream], stale, k,
                          float(stale_weight), float(inv_interval), float(bonus), int(grid), bool(cfg))
-            gathered = {b.env[n]: b.gather_tokens(b.env[n], idx, k, ax, static_shape(n))
+            batch = static_shape(s.stream_in)[0]
+            gathered = {b.env[n]: b.gather_external(b.env[n], idx, k, ax, static_shape(n), batch) if isinstance(ax, External)
+                        else b.gather_tokens(b.env[n], idx, k, ax, static_shape(n))
                         for n, ax in s.boundary.items()}
             f_k = copy_region_on_k_tokens(b, s, gathered, k)
             full = b.scatter_tokens_(cache, idx, k, s.region_axes[s.value], f_k, static_shape(s.value))

@@ -48,8 +48,11 @@ def attention_probs(b: GraphBuilder, attn: fx.Node) -> tuple[fx.Node, list[int]]
     return p, heads
 
 
-def add_received_attention(b: GraphBuilder, attn: fx.Node) -> bool:
-    """s1 ingredient: head-mean attention received by each key token, summed over queries (B, N)."""
+def add_received_attention(b: GraphBuilder, attn: fx.Node, segment: tuple | None = None) -> bool:
+    """s1 ingredient: head-mean attention received by each key token, summed over queries (B, N).
+
+    For a joint attention, ``segment`` = (offset, length) keeps this stream's keys only.
+    """
     got = attention_probs(b, attn)
     if got is None:
         return False
@@ -57,6 +60,8 @@ def add_received_attention(b: GraphBuilder, attn: fx.Node) -> bool:
     n_heads = math.prod(shape(attn.args[0])[h] for h in heads) if heads else 1
     col = b.call(aten.sum.dim_IntList, p, heads + [len(heads) + 1], False)
     col = b.call(aten.div.Tensor, col, float(n_heads))
+    if segment is not None:
+        col = b.call(aten.slice.Tensor, col, 1, segment[0], segment[0] + segment[1])
     b.add_output("received", None, col)
     return True
 
@@ -72,12 +77,14 @@ def add_cross_map(b: GraphBuilder, attn: fx.Node) -> bool:
     return True
 
 
-def add_norm(b: GraphBuilder, attn: fx.Node, which: str) -> bool:
+def add_norm(b: GraphBuilder, attn: fx.Node, which: str, segment: tuple | None = None) -> bool:
     """k-norm / v-norm ingredient: L2 norm of each token's keys or values over heads (B, N)."""
     q, k, v, mask, scale = _sdpa_parts(attn)
     x = k if which == "k" else v
     xs = shape(x)
     dims = [d for d in range(1, len(xs)) if d != len(xs) - 2]
     nrm = b.call(aten.linalg_vector_norm.default, b.env[x], 2, dims, False)
+    if segment is not None:
+        nrm = b.call(aten.slice.Tensor, nrm, 1, segment[0], segment[0] + segment[1])
     b.add_output(f"{which}norm", None, nrm)
     return True

@@ -6,8 +6,9 @@ import logging
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree
 
-from ..capture import CaptureFailure, capture_block, signature_of
+from ..capture import CaptureFailure, capture_block, signature_of, structure_of
 from . import schedule
 from .entry import Entry, build_entry, partial_variant, runner
 from .scores import base_score
@@ -15,7 +16,7 @@ from .state import BlockState, BranchState
 
 log = logging.getLogger("toca_fx")
 
-_MIXING = ("self_attn", "joint_attn")
+_MIXING = ("self_attn", "joint_attn", "parallel")
 
 
 class BlockRuntime:
@@ -33,6 +34,8 @@ class BlockRuntime:
         self.original_forward = module.forward
         self.states = states                   # branch -> BranchState (submodules: visible in print(model))
         self.entry_keys: set = set()
+        self.structure = structure_of(module, numbers=False)
+        self.fine_structure = structure_of(module)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -56,8 +59,14 @@ class BlockRuntime:
     def _entry(self, args, kwargs) -> Entry:
         ctl = self.controller
         sig = signature_of(args, kwargs)
-        key = (type(self.module), sig)
+        key = (type(self.module), self.structure, sig)
         e = ctl.entries.get(key)
+        if e is not None and self.fine_structure not in e.peers:
+            if e.failed or self._same_through(e, args, kwargs):
+                e.peers.add(self.fine_structure)
+            else:
+                key = (type(self.module), self.fine_structure, sig)
+                e = ctl.entries.get(key)
         if e is None:
             try:
                 cap = capture_block(self.module, args, kwargs, self.original_forward)
@@ -72,9 +81,25 @@ class BlockRuntime:
                               failed=f"analysis failed: {type(exc).__name__}: {exc}")
             if e.failed:
                 log.info("toca_fx: %s (%s) runs unchanged: %s", self.qualname, e.cls_name, e.failed)
+            e.peers.add(self.fine_structure)
             ctl.entries[key] = e
         self.entry_keys.add(key)
         return e
+
+    def _same_through(self, e: Entry, args, kwargs) -> bool:
+        """Does the shared graph reproduce this block (same class, other int/float attributes)?"""
+        with torch.no_grad():
+            ref = self.original_forward(*args, **kwargs)
+            got = e.capture.unflatten_outputs(
+                e.capture.gm(*e.capture.lifted_values(self.module), *e.capture.flatten_inputs(args, kwargs)))
+        a, _ = torch.utils._pytree.tree_flatten(ref)
+        b, _ = torch.utils._pytree.tree_flatten(got)
+        same = len(a) == len(b) and all(
+            (torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y)
+            for x, y in zip(a, b))
+        if not same:
+            log.info("toca_fx: %s differs from its class's capture: captured separately", self.qualname)
+        return same
 
     def __call__(self, *args, **kwargs):
         ctl = self.controller
@@ -112,7 +137,7 @@ class BlockRuntime:
         for (role, site), val in zip(v.extra_outputs, outs[n:]):
             if role == "value":
                 st.values[site] = val
-                st.stale[site] = torch.zeros(x.shape[0], e.analysis.n_tokens, device=x.device)
+                st.stale[site] = torch.zeros(x.shape[0], e.analysis.site(site).n_tokens, device=x.device)
             else:
                 score_val = val
         st.score = base_score(e.score_role, score_val, bool(ctl.cfg), x.shape[0], e.analysis.n_tokens, x.device)
@@ -156,16 +181,13 @@ class BlockRuntime:
         v = partial_variant(e, actions, bool(ctl.cfg), ctl.config)
         x = flat[e.stream_index]
         extra = []
-        score = st.score
-        if ctl.config.score == "random":
-            score = torch.rand(x.shape[0], e.analysis.n_tokens, generator=self._generator(x.device), device=x.device)
         for role, site in v.extra_inputs:
             if role == "cache":
                 extra.append(st.values[site])
             elif role == "stale":
                 extra.append(st.stale[site])
             elif role == "score":
-                extra.append(score)
+                extra.append(self._score(e, st, int(site), x))
             elif role == "k":
                 extra.append(ks[site])
         outs = runner(e, v, ctl.config)(*lifted, *flat, *extra)
@@ -186,6 +208,15 @@ class BlockRuntime:
         self.stats["partial"] += 1
         ctl.flop_log[(e.key, ("partial", id(v)), self.module_id, tuple(sorted(ks.items())))] += 1
         return outs[:n]
+
+    def _score(self, e: Entry, st: BranchState, stream: int, x: torch.Tensor) -> torch.Tensor:
+        """Base score of one stream: the fresh step's (main stream) or zeros (staleness alone)."""
+        n = e.analysis.streams[stream].input.meta["val"].shape[1]
+        if self.controller.config.score == "random":
+            return torch.rand(x.shape[0], n, generator=self._generator(x.device), device=x.device)
+        if stream == 0 and st.score is not None:
+            return st.score
+        return torch.zeros(x.shape[0], n, device=x.device)
 
     def _generator(self, device):
         g = getattr(self, "_gen", None)

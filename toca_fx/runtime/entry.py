@@ -37,6 +37,7 @@ class Entry:
     compiled: dict = field(default_factory=dict)
     _flops: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    peers: set = field(default_factory=set)          # fine structures of blocks checked to share it
 
     @property
     def sites(self):
@@ -60,7 +61,7 @@ def build_entry(key, block, capture: Capture, config: ToCaConfig) -> Entry:
         inputs = capture.lifted_values(block) + list(capture.example_inputs)
         base = run_with_override(capture.gm, inputs, watch=[s.value for s in res.sites])
         for s in res.sites:
-            if s.local and s.kind != "self_attn" and s.kind != "joint_attn":
+            if s.local and s.kind not in ("self_attn", "joint_attn", "parallel"):  # mixing kinds move every row
                 why = probe_site(capture.gm, inputs, s, base)
                 if why:
                     s.local = False
@@ -121,10 +122,15 @@ def extra_inputs_meta(e: Entry, v: VariantGraph, ks: dict[str, int]) -> list:
             sv = res.site(site).value.meta["val"]
             out.append(TensorSpec(tuple(sv.shape), tuple(torch.empty(sv.shape).stride()), sv.dtype, x.device))
         elif role in ("stale", "score"):
-            out.append(TensorSpec((b, res.n_tokens), (res.n_tokens, 1), torch.float32, x.device))
+            n = res.site(site).n_tokens if role == "stale" else shape_n(res, int(site))
+            out.append(TensorSpec((b, n), (n, 1), torch.float32, x.device))
         elif role == "k":
             out.append(ks[site])
     return out
+
+
+def shape_n(res, stream: int) -> int:
+    return int(res.streams[stream].input.meta["val"].shape[1])
 
 
 def original_flops(e: Entry, block) -> int:
