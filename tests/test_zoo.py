@@ -121,3 +121,27 @@ def test_pass_changes_no_parameter_and_no_state_dict_entry(zoo_model):
     toca_fx.remove(m)
     with torch.no_grad():
         assert torch.equal(_out(m(**inputs(5))), _out(model(**inputs(5))))
+
+
+def test_parallel_block_recomputes_mlp_half_with_cached_attention_rows():
+    """FLUX single blocks (attention and MLP into one projection): ToCa's FLUX port recomputes the
+    MLP half for selected tokens and combines it with cached attention rows."""
+    model, inputs = ZOO["flux"]()
+    model.eval()
+    m = copy.deepcopy(model)
+    # no timestep keyword: every call is the next step; identical inputs keep the attention cache exact
+    toca_fx.transform(m, interval=2, fresh_ratio=1.0, timestep_arg="no_such_input")
+    with torch.no_grad():
+        m(**inputs(0))
+        out = _out(m(**inputs(0)))
+        ref = _out(model(**inputs(0)))
+    assert _rel(out, ref) <= 1e-5
+    (e,) = [e for e in m._toca_fx.entries.values() if e.cls_name == "FluxSingleTransformerBlock"]
+    (site,) = e.sites
+    assert site.kind == "parallel" and len(site.attn_values) == 1
+    (v,) = e.partials.values()
+    assert v.actions == {"parallel0": "partial_mlp"}
+    ops = [n.target for n in v.gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.scaled_dot_product_attention.default not in ops      # attention rows from the cache
+    assert ops.count(torch.ops.aten.gather.default) == 2                        # stream input + attention rows
+    assert ("cache", "parallel0__attn0") in v.extra_inputs

@@ -260,7 +260,45 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
     site.boundary = boundary
     site.region_axes = {n: axes[n] for n in region}
     site.local = True
+    if kind == "parallel":
+        _split_parallel(g, site, region, token_nodes, axes, infos, all_nodes)
     return site
+
+
+def _split_parallel(g, site: Site, region: set, token_nodes: set, axes: dict, infos: dict, all_nodes: list) -> None:
+    """For a parallel block, the part of the region that does not need attention this step.
+
+    ToCa's FLUX port recomputes the MLP half of a parallel block for the selected tokens and
+    combines it with cached attention rows. Here: the attention outputs entering the rest of the
+    region (``attn_values``) are cached at fresh steps and gathered from the cache on partial
+    steps; the query path and the attention itself drop out of the region.
+    """
+    att = [n for n in region if is_attention(n)]
+    # nodes fed by the attention alone (up to where it joins the token-wise path)
+    att_side = set(att)
+    for n in all_nodes:
+        if n in region and n not in att_side:
+            tok = [a for a in n.all_input_nodes if a in token_nodes]
+            if tok and all(a in att_side for a in tok):
+                att_side.add(n)
+    values = [n for n in all_nodes if n in att_side
+              and any(u in region and u not in att_side for u in n.users)]
+    q_side = set(att_side)
+    for a in att:
+        q_side |= nx.ancestors(g, a) & region
+    rest = region - q_side
+    if not values or not rest or site.value in q_side:
+        return
+    boundary = {}
+    for n in rest:
+        for a in n.all_input_nodes:
+            if a in token_nodes and a not in rest:
+                boundary[a] = axes[a]
+        for ext in infos[n].external:
+            boundary[ext.node] = ext
+    site.attn_values = values
+    site.mlp_region = [n for n in all_nodes if n in rest]
+    site.mlp_boundary = boundary
 
 
 def _key_segment(g, attn: fx.Node, token_nodes: set) -> tuple[int, int] | None:

@@ -34,6 +34,9 @@ class Site:
     probe: str = "not run"            # result of the numeric locality probe
     stream: int = 0                   # index of the token stream (0: the one with most tokens)
     key_segment: tuple | None = None  # joint attention: (offset, length) of this stream on the key axis
+    attn_values: list = field(default_factory=list)   # parallel: attention outputs cached for partial steps
+    mlp_region: list = field(default_factory=list)    # parallel: region without the attention side
+    mlp_boundary: dict = field(default_factory=dict)  # parallel: its inputs (attn_values come from caches)
 
     @property
     def shape(self):
@@ -58,3 +61,11 @@ class BlockAnalysis:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def cached_node(self, name: str) -> fx.Node:
+        """The node a cache holds: a site's F (``"mlp0"``) or an attention value inside a
+        parallel site (``"parallel0__attn0"``)."""
+        if "__attn" in name:
+            site, i = name.split("__attn")
+            return self.site(site).attn_values[int(i)]
+        return self.site(name).value

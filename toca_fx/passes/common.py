@@ -137,8 +137,9 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
 _SIZED_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
 
-def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node) -> fx.Node:
+def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node, region=None) -> fx.Node:
     """Copy the site's region (computed on k tokens); returns the copy of F."""
+    region = site.region if region is None else region
     rmap: dict[fx.Node, fx.Node] = {}
 
     def m(a):
@@ -148,7 +149,7 @@ def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node) -
             return gathered[a]
         return a
 
-    for n in site.region:
+    for n in region:
         src = b.env[n]
         c = b.graph.node_copy(src, m)
         c.meta.pop("val", None)
@@ -160,7 +161,7 @@ def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node) -
                 sizes[ax.token] = k
                 c.args = (c.args[0], sizes) + tuple(c.args[2:])
         rmap[src] = c
-    b.bump("region_nodes", len(site.region))
+    b.bump("region_nodes", len(region))
     return rmap[b.env[site.value]]
 
 

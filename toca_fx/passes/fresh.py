@@ -41,6 +41,8 @@ def build_fresh(gm, analysis: BlockAnalysis, score: str) -> VariantGraph:
     for s in analysis.sites:
         if s.cacheable:
             b.add_output("value", s.name, b.env[s.value])
+            for i, a in enumerate(s.attn_values):
+                b.add_output("value", f"{s.name}__attn{i}", b.env[a])
             actions[s.name] = "fresh"
         else:
             actions[s.name] = "compute"

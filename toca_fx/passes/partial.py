@@ -35,13 +35,15 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
         fv = b.env[s.value]
         if act == "full":
             b.add_output("value", s.name, fv)
+            for i, a in enumerate(s.attn_values):
+                b.add_output("value", f"{s.name}__attn{i}", b.env[a])
             continue
         cache = b.add_input("cache", s.name, f"cache_{s.name}")
         if act == "reuse":
             fv.replace_all_uses_with(cache)
             b.bump("reused_sites")
             continue
-        if act != "partial" or not s.local:
+        if act not in ("partial", "partial_mlp") or not s.local or (act == "partial_mlp" and not s.mlp_region):
             raise ValueError(f"site {s.name}: action {act!r} is not possible ({s.reason})")
         if s.stream not in score_ph:
             score_ph[s.stream] = b.add_input("score", str(s.stream), "score" if s.stream == 0 else f"score_s{s.stream}")
@@ -51,10 +53,17 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
             idx = b.call(torch.ops.toca_fx.select_tokens.default, score_ph[s.stream], stale, k,
                          float(stale_weight), float(inv_interval), float(bonus), int(grid), bool(cfg))
             batch = static_shape(s.stream_in)[0]
+            boundary, region = (s.mlp_boundary, s.mlp_region) if act == "partial_mlp" else (s.boundary, s.region)
             gathered = {b.env[n]: b.gather_external(b.env[n], idx, k, ax, static_shape(n), batch) if isinstance(ax, External)
                         else b.gather_tokens(b.env[n], idx, k, ax, static_shape(n))
-                        for n, ax in s.boundary.items()}
-            f_k = copy_region_on_k_tokens(b, s, gathered, k)
+                        for n, ax in boundary.items()}
+            if act == "partial_mlp":
+                # attention rows come from the attention cache, gathered like any boundary input
+                for i, a in enumerate(s.attn_values):
+                    sub = b.add_input("cache", f"{s.name}__attn{i}", f"cache_{s.name}__attn{i}")
+                    with b.graph.inserting_before(fv):
+                        gathered[b.env[a]] = b.gather_tokens(sub, idx, k, s.region_axes[a], static_shape(a))
+            f_k = copy_region_on_k_tokens(b, s, gathered, k, region)
             full = b.scatter_tokens_(cache, idx, k, s.region_axes[s.value], f_k, static_shape(s.value))
         users = [u for u in fv.users]
         for u in users:

@@ -137,7 +137,8 @@ class BlockRuntime:
         for (role, site), val in zip(v.extra_outputs, outs[n:]):
             if role == "value":
                 st.values[site] = val
-                st.stale[site] = torch.zeros(x.shape[0], e.analysis.site(site).n_tokens, device=x.device)
+                if "__" not in site:       # "<site>__attn<i>": an attention cache inside a site
+                    st.stale[site] = torch.zeros(x.shape[0], e.analysis.site(site).n_tokens, device=x.device)
             else:
                 score_val = val
         st.score = base_score(e.score_role, score_val, bool(ctl.cfg), x.shape[0], e.analysis.n_tokens, x.device)
@@ -159,11 +160,17 @@ class BlockRuntime:
             if not s.cacheable:
                 actions[s.name] = "compute"
                 continue
-            if s.kind in _MIXING and cfg.self_attention == "reuse":
+            mlp_half = s.kind == "parallel" and bool(s.mlp_region) and cfg.self_attention == "reuse"
+            if s.kind in _MIXING and cfg.self_attention == "reuse" and not mlp_half:
                 actions[s.name] = "reuse"
                 continue
             r = schedule.ratio(cfg, call.progress, self.layer, self.num_layers, s.kind)
             k = schedule.tokens_for(r, s.n_tokens)
+            if mlp_half and k > 0:
+                # ToCa's parallel blocks: the MLP half on k tokens, attention rows from the cache
+                actions[s.name] = "partial_mlp"
+                ks[s.name] = k
+                continue
             if k == 0:
                 actions[s.name] = "reuse"
             elif not s.local:
@@ -195,14 +202,15 @@ class BlockRuntime:
         for (role, site), val in zip(v.extra_outputs, outs[n:]):
             if role == "value":
                 st.values[site] = val
-                st.stale[site].zero_()
+                if "__" not in site:
+                    st.stale[site].zero_()
         for s in e.sites:
             act = actions[s.name]
             if act == "reuse":
                 st.stale[s.name].add_(1)
                 self._count(s.name, act, 0, s.n_tokens)
-            elif act == "partial":
-                self._count(s.name, act, ks[s.name], s.n_tokens)
+            elif act in ("partial", "partial_mlp"):
+                self._count(s.name, "partial", ks[s.name], s.n_tokens)
             else:
                 self._count(s.name, act, s.n_tokens, s.n_tokens)
         self.stats["partial"] += 1

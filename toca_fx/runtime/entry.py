@@ -119,7 +119,7 @@ def extra_inputs_meta(e: Entry, v: VariantGraph, ks: dict[str, int]) -> list:
     b = x.shape[0]
     for role, site in v.extra_inputs:
         if role == "cache":
-            sv = res.site(site).value.meta["val"]
+            sv = res.cached_node(site).meta["val"]
             out.append(TensorSpec(tuple(sv.shape), tuple(torch.empty(sv.shape).stride()), sv.dtype, x.device))
         elif role in ("stale", "score"):
             n = res.site(site).n_tokens if role == "stale" else shape_n(res, int(site))
