@@ -166,3 +166,46 @@ def test_caches_are_named_non_persistent_buffers():
                                                    if n.startswith("_toca_fx_state."))
     toca_fx.remove(model)
     assert not any(n.startswith("_toca_fx_state") for n, _ in model.named_buffers())
+
+
+class _DataDependent(torch.nn.Module):
+    """A block whose control flow depends on tensor values (as MoE routing or per-sample masks)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inner = EscapingBlock(d)
+
+    def forward(self, x):
+        if x.abs().mean() > 0.5:          # a Python branch on data: no single graph exists
+            return self.inner(x)[0]
+        return x
+
+
+def test_data_dependent_block_runs_unchanged_with_reason():
+    model = Stack([_DataDependent() for _ in range(2)]).eval()
+    ref = copy.deepcopy(model)
+    toca_fx.transform(model, interval=2)
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        for t in (3, 2, 1):
+            assert torch.equal(model(x, timestep=t), ref(x))
+    (e,) = model._toca_fx.entries.values()
+    assert e.failed and "torch.export could not capture one graph" in e.failed
+    assert "unchanged" in str(toca_fx.explain(model)) and "could not capture" in str(toca_fx.explain(model))
+
+
+def test_resolution_change_recaptures_and_stays_exact():
+    from test_property import Model
+    torch.manual_seed(0)
+    model = Model(2, d=8, heads=2, gated=True, glu=False, cross=False, ctx_dim=6, cond_dim=8).eval()
+    ref = copy.deepcopy(model)
+    toca_fx.transform(model, **EXACT)
+    ctl = model._toca_fx
+    with torch.no_grad():
+        for tokens in (16, 9, 16):
+            for step in range(3):
+                x = torch.randn(2, tokens, 8)
+                t = torch.full((2,), 900.0 - 100 * step)
+                assert rel_err(model(x, timestep=t), ref(x, timestep=t)) <= 1e-5
+    assert len(ctl.entries) == 2                      # 16 tokens reuses its first capture
+    assert ctl.generations == 3                       # each resolution change starts a generation
