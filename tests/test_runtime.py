@@ -209,3 +209,26 @@ def test_resolution_change_recaptures_and_stays_exact():
                 assert rel_err(model(x, timestep=t), ref(x, timestep=t)) <= 1e-5
     assert len(ctl.entries) == 2                      # 16 tokens reuses its first capture
     assert ctl.generations == 3                       # each resolution change starts a generation
+
+
+def test_cache_dtype_bf16_close_and_stored_in_bf16():
+    model = make_dit()
+    ref_model = copy.deepcopy(model)
+    toca_fx.transform(ref_model, interval=3, fresh_ratio=0.3)
+    toca_fx.transform(model, interval=3, fresh_ratio=0.3, cache_dtype="bfloat16")
+    a, b = sample_dit(model, steps=6), sample_dit(ref_model, steps=6)
+    st = model._toca_fx.blocks[0].states.get(0)
+    assert all(v.dtype == torch.bfloat16 for v in st.values.values())
+    assert 0 < rel_err(a, b) < 0.05                 # bf16 caches: a small, measured difference
+    assert toca_fx.stats(model).cache_bytes < toca_fx.stats(ref_model).cache_bytes
+
+
+def test_k_buckets_limit_distinct_token_counts():
+    from toca_fx.runtime.schedule import bucket
+    assert [bucket(k, 64, 8) for k in (0, 1, 8, 9, 63, 64)] == [0, 8, 8, 16, 64, 64]
+    model = make_dit(num_layers=4)
+    toca_fx.transform(model, "toca-dit-ddim50", k_buckets=4)
+    with toca_fx.generation(model, num_steps=20):
+        sample_dit(model, steps=20)
+    ks = {k for key in model._toca_fx.flop_log if key[1] != "fresh" for _, k in key[3]}
+    assert ks and ks <= {4, 8, 12, 16}

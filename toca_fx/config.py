@@ -9,6 +9,7 @@ from typing import Any
 RATIO_SCHEDULES = ("constant", "toca-ddim50", "toca-ddpm250", "toca-pixart")
 SELF_ATTENTION_MODES = ("reuse", "partial")
 SCORES = ("toca", "v-norm", "k-norm", "random", "staleness")
+CACHE_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class ToCaConfig:
     """Confirm the token-locality proof numerically on the first call."""
     seed: int = 0
     """Seed of the generator behind the "random" score."""
+    cache_dtype: str | None = None
+    """Store caches in this dtype ("bfloat16", "float16", "float32"); None keeps the model's."""
+    k_buckets: int | None = None
+    """Round k up to one of this many sizes per site (fewer compiled shapes); None: 8 when
+    ``compile`` is set, else exact k."""
     extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +89,10 @@ class ToCaConfig:
             bad("timestep_arg", "None or a keyword name")
         if not isinstance(self.seed, int):
             bad("seed", "an integer")
+        if self.cache_dtype not in CACHE_DTYPES:
+            bad("cache_dtype", f"one of {CACHE_DTYPES}")
+        if self.k_buckets is not None and (not isinstance(self.k_buckets, int) or self.k_buckets < 1):
+            bad("k_buckets", "None or an integer >= 1")
 
     # -- presets and round-trips ------------------------------------------------------------
     @classmethod
@@ -114,6 +124,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toca-dit-ddpm250": dict(interval=4, fresh_ratio=0.07, ratio_schedule="toca-ddpm250", score="toca"),
     # ToCa, PixArt-alpha, 20 DPM-Solver++ steps: N=3, R=70% (r0=0.30).
     "toca-pixart": dict(interval=3, fresh_ratio=0.30, ratio_schedule="toca-pixart", score="toca"),
+    # The bundled digit DiT (toca_fx.demo: 8 blocks, 64 tokens on an 8x8 grid), DDIM 50 steps with CFG.
+    "toca-digits": dict(interval=3, fresh_ratio=0.1, ratio_schedule="constant", score="toca"),
     # FORA: whole-module reuse between fresh steps.
     "fora": dict(interval=3, fresh_ratio=0.0, ratio_schedule="constant", score="staleness"),
 }

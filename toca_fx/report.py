@@ -33,6 +33,7 @@ class EntryReport:
     sites: list[SiteReport] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     variants: int = 0
+    compiled: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -61,6 +62,10 @@ class Explanation:
         for e in self.entries:
             lines.append(f"block class {e.block_class} [{e.method or '-'}] for {len(e.blocks)} block(s), "
                          f"inputs {e.signature}: {e.status}" + (f" -- {e.reason}" if e.reason else ""))
+            if e.seconds:
+                secs = ", ".join(f"{k} {v:.2f}s" for k, v in e.seconds.items())
+                lines.append(f"    {e.variants} variant graph(s)" + (f", {e.compiled} compiled" if e.compiled else "")
+                             + f"; {secs}")
             if e.sites:
                 lines.append(f"    {'site':<12} {'kind':<11} {'module':<14} {'axis':>4} {'tokens':>6}  cached  token-wise  note")
             for s in e.sites:
@@ -89,6 +94,7 @@ def build_explanation(ctl) -> Explanation:
                           method=e.capture.method if e.capture else None,
                           status="unchanged" if e.failed else "rewritten", reason=e.failed,
                           seconds=dict(e.seconds), variants=(1 if e.fresh else 0) + len(e.partials),
+                          compiled=len(e.compiled),
                           notes=list(e.notes) + (list(e.analysis.notes) if e.analysis is not None else []))
         for s in e.sites:
             rep.sites.append(SiteReport(block_class=e.cls_name, name=s.name, kind=s.kind, module=s.module,

@@ -15,9 +15,12 @@ from ..analysis.sites import BlockAnalysis
 from ..runtime import ops  # noqa: F401  (registers toca_fx::select_tokens)
 from .common import GraphBuilder, VariantGraph, copy_region_on_k_tokens, static_shape
 
+aten = torch.ops.aten
+
 
 def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: bool,
-                  stale_weight: float, inv_interval: float, bonus: float, grid: int) -> VariantGraph:
+                  stale_weight: float, inv_interval: float, bonus: float, grid: int,
+                  cache_dtype: torch.dtype | None = None) -> VariantGraph:
     """Rewrite ``gm`` for one partial step; ``actions[site]`` is reuse | partial | full | compute.
 
     Example::
@@ -39,8 +42,15 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
                 b.add_output("value", f"{s.name}__attn{i}", b.env[a])
             continue
         cache = b.add_input("cache", s.name, f"cache_{s.name}")
+        f_dtype = s.value.meta["val"].dtype
+        cast = cache_dtype is not None and cache_dtype != f_dtype
         if act == "reuse":
-            fv.replace_all_uses_with(cache)
+            if cast:
+                with b.graph.inserting_before(fv):
+                    read = b.call(aten._to_copy.default, cache, dtype=f_dtype)
+            else:
+                read = cache
+            fv.replace_all_uses_with(read)
             b.bump("reused_sites")
             continue
         if act not in ("partial", "partial_mlp") or not s.local or (act == "partial_mlp" and not s.mlp_region):
@@ -62,9 +72,16 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
                 for i, a in enumerate(s.attn_values):
                     sub = b.add_input("cache", f"{s.name}__attn{i}", f"cache_{s.name}__attn{i}")
                     with b.graph.inserting_before(fv):
-                        gathered[b.env[a]] = b.gather_tokens(sub, idx, k, s.region_axes[a], static_shape(a))
+                        rows = b.gather_tokens(sub, idx, k, s.region_axes[a], static_shape(a))
+                        if cache_dtype is not None and cache_dtype != a.meta["val"].dtype:
+                            rows = b.call(aten._to_copy.default, rows, dtype=a.meta["val"].dtype)
+                        gathered[b.env[a]] = rows
             f_k = copy_region_on_k_tokens(b, s, gathered, k, region)
+            if cast:
+                f_k = b.call(aten._to_copy.default, f_k, dtype=cache_dtype)
             full = b.scatter_tokens_(cache, idx, k, s.region_axes[s.value], f_k, static_shape(s.value))
+            if cast:
+                full = b.call(aten._to_copy.default, full, dtype=f_dtype)
         users = [u for u in fv.users]
         for u in users:
             u.replace_input_with(fv, full)

@@ -34,6 +34,9 @@ class BlockRuntime:
         self.original_forward = module.forward
         self.states = states                   # branch -> BranchState (submodules: visible in print(model))
         self.entry_keys: set = set()
+        cfg = controller.config
+        self._cache_dtype = getattr(torch, cfg.cache_dtype) if cfg.cache_dtype else None
+        self._k_buckets = cfg.k_buckets if cfg.k_buckets is not None else (8 if cfg.compile else None)
         self.structure = structure_of(module, numbers=False)
         self.fine_structure = structure_of(module)
         self.reset_stats()
@@ -136,7 +139,7 @@ class BlockRuntime:
         score_val = None
         for (role, site), val in zip(v.extra_outputs, outs[n:]):
             if role == "value":
-                st.values[site] = val
+                st.values[site] = val if self._cache_dtype is None else val.to(self._cache_dtype)
                 if "__" not in site:       # "<site>__attn<i>": an attention cache inside a site
                     st.stale[site] = torch.zeros(x.shape[0], e.analysis.site(site).n_tokens, device=x.device)
             else:
@@ -165,7 +168,7 @@ class BlockRuntime:
                 actions[s.name] = "reuse"
                 continue
             r = schedule.ratio(cfg, call.progress, self.layer, self.num_layers, s.kind)
-            k = schedule.tokens_for(r, s.n_tokens)
+            k = schedule.bucket(schedule.tokens_for(r, s.n_tokens), s.n_tokens, self._k_buckets)
             if mlp_half and k > 0:
                 # ToCa's parallel blocks: the MLP half on k tokens, attention rows from the cache
                 actions[s.name] = "partial_mlp"
@@ -201,7 +204,7 @@ class BlockRuntime:
         n = v.n_user_outputs
         for (role, site), val in zip(v.extra_outputs, outs[n:]):
             if role == "value":
-                st.values[site] = val
+                st.values[site] = val if self._cache_dtype is None else val.to(self._cache_dtype)
                 if "__" not in site:
                     st.stale[site].zero_()
         for s in e.sites:

@@ -38,6 +38,7 @@ class Entry:
     _flops: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     peers: set = field(default_factory=set)          # fine structures of blocks checked to share it
+    config: object = None
 
     @property
     def sites(self):
@@ -46,7 +47,7 @@ class Entry:
 
 def build_entry(key, block, capture: Capture, config: ToCaConfig) -> Entry:
     """Analyse a capture and build its fresh variant (partial variants are built on demand)."""
-    e = Entry(key=key, cls_name=type(block).__name__, capture=capture)
+    e = Entry(key=key, cls_name=type(block).__name__, capture=capture, config=config)
     e.seconds["capture"] = capture.seconds
     t0 = time.perf_counter()
     n_lifted = len(capture.lifted)
@@ -88,6 +89,10 @@ def build_entry(key, block, capture: Capture, config: ToCaConfig) -> Entry:
     return e
 
 
+def cache_dtype(config: ToCaConfig) -> torch.dtype | None:
+    return getattr(torch, config.cache_dtype) if config.cache_dtype else None
+
+
 def partial_variant(e: Entry, actions: dict[str, str], cfg: bool, config: ToCaConfig) -> VariantGraph:
     key = (tuple(sorted(actions.items())), cfg)
     v = e.partials.get(key)
@@ -95,7 +100,7 @@ def partial_variant(e: Entry, actions: dict[str, str], cfg: bool, config: ToCaCo
         t0 = time.perf_counter()
         v = build_partial(e.capture.gm, e.analysis, actions, cfg=cfg, stale_weight=config.staleness_weight,
                           inv_interval=1.0 / config.interval, bonus=e.bonus if config.score == "toca" else 0.0,
-                          grid=e.grid if config.score == "toca" else 1)
+                          grid=e.grid if config.score == "toca" else 1, cache_dtype=cache_dtype(config))
         e.partials[key] = v
         e.seconds["rewrite"] = e.seconds.get("rewrite", 0.0) + time.perf_counter() - t0
     return v
@@ -120,7 +125,8 @@ def extra_inputs_meta(e: Entry, v: VariantGraph, ks: dict[str, int]) -> list:
     for role, site in v.extra_inputs:
         if role == "cache":
             sv = res.cached_node(site).meta["val"]
-            out.append(TensorSpec(tuple(sv.shape), tuple(torch.empty(sv.shape).stride()), sv.dtype, x.device))
+            dt = cache_dtype(e.config) or sv.dtype
+            out.append(TensorSpec(tuple(sv.shape), tuple(torch.empty(sv.shape).stride()), dt, x.device))
         elif role in ("stale", "score"):
             n = res.site(site).n_tokens if role == "stale" else shape_n(res, int(site))
             out.append(TensorSpec((b, n), (n, 1), torch.float32, x.device))

@@ -72,3 +72,11 @@ def ratio(config: ToCaConfig, progress: float | None, layer: int, num_layers: in
 def tokens_for(r: float, n_tokens: int) -> int:
     """k = floor(r * N), as in ToCa."""
     return min(n_tokens, max(0, math.floor(r * n_tokens + 1e-9)))
+
+
+def bucket(k: int, n_tokens: int, buckets: int | None) -> int:
+    """Round k up to a multiple of ceil(N / buckets), so few distinct k (compiled shapes) occur."""
+    if not buckets or k == 0:
+        return k
+    step = math.ceil(n_tokens / buckets)
+    return min(n_tokens, math.ceil(k / step) * step)
