@@ -33,6 +33,7 @@ class BlockRuntime:
         self.had_instance_forward = "forward" in module.__dict__
         self.original_forward = module.forward
         self.states = states                   # branch -> BranchState (submodules: visible in print(model))
+        self._lifted: dict = {}
         self.entry_keys: set = set()
         cfg = controller.config
         self._cache_dtype = getattr(torch, cfg.cache_dtype) if cfg.cache_dtype else None
@@ -57,6 +58,7 @@ class BlockRuntime:
 
     def clear(self) -> None:
         self.states.clear()
+        self._lifted = {}
 
     # -- the call --------------------------------------------------------------------------
     def _entry(self, args, kwargs) -> Entry:
@@ -115,7 +117,10 @@ class BlockRuntime:
             self.stats["original"] += 1
             return self.original_forward(*args, **kwargs)
         flat = e.capture.flatten_inputs(args, kwargs)
-        lifted = e.capture.lifted_values(self.module)
+        lifted = self._lifted.get(id(e))
+        if lifted is None:
+            # the block's own parameters, in the captured graph's order; refreshed by reset()
+            lifted = self._lifted[id(e)] = e.capture.lifted_values(self.module)
         st = self.states.get(call.branch)
         if st is None or st.key != e.key:
             st = BranchState(e.key)
