@@ -28,7 +28,7 @@ EXPECTED = {
     "auraflow": {"AuraFlowJointTransformerBlock": ["joint_attn", "mlp", "joint_attn", "mlp"],
                  "AuraFlowSingleTransformerBlock": ["self_attn", "mlp"]},
     "vit": {"ViTLayer": ["self_attn", "mlp"]},
-    "gpt2": {"GPT2Block": ["self_attn", "other"]},
+    "gpt2": {"GPT2Block": ["self_attn", "mlp"]},
 }
 
 

@@ -34,6 +34,7 @@ class NotLocal(Exception):
 class Axes:
     batch: int | None
     token: int
+    merged: int | None = None    # the token axis is (batch x tokens) flattened, batch-major, with this batch size
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _broadcast(node: fx.Node, axes: dict, n_tokens: int, inputs: list) -> AxisIn
         if isinstance(a, fx.Node) and a in axes:
             ax = axes[a]
             off = out_nd - len(shape(a))
-            cand = Axes(None if ax.batch is None else ax.batch + off, ax.token + off)
+            cand = Axes(None if ax.batch is None else ax.batch + off, ax.token + off, ax.merged)
             if result is None:
                 result = cand
             elif cand.token != result.token:
@@ -147,6 +148,20 @@ def _linear(node, axes, n):
     for w in node.args[1:]:
         if isinstance(w, fx.Node) and w in axes:
             raise NotLocal(f"{node.name}: linear weight depends on tokens")
+    return AxisInfo(ax)
+
+
+@rule(aten.addmm, aten.mm)
+def _addmm(node, axes, n):
+    x = node.args[1] if packet(node) is aten.addmm else node.args[0]
+    if x not in axes:
+        raise NotLocal(f"{node.name}: matrix operand does not carry tokens")
+    ax = axes[x]
+    if ax.token != 0:
+        raise NotLocal(f"{node.name}: matrix product contracts the token axis")
+    others = [a for a in node.args if isinstance(a, fx.Node) and a is not x]
+    if any(a in axes for a in others):
+        raise NotLocal(f"{node.name}: both operands carry tokens")
     return AxisInfo(ax)
 
 
@@ -211,6 +226,24 @@ def _map_through_reshape(in_shape, out_shape, d):
 def _reshape(node, axes, n):
     a, ax = _single_input(node, axes)
     ins, outs = shape(a), shape(node)
+    if ax.merged is not None:
+        # (B*N, ...) -> (..., B, N, ...): split the merged axis back into batch and tokens
+        pre = math.prod(ins[:ax.token])
+        for j in range(len(outs) - 1):
+            if (outs[j] == ax.merged and outs[j] * outs[j + 1] == ins[ax.token]
+                    and math.prod(outs[:j]) == pre):
+                return AxisInfo(Axes(j, j + 1))
+        t = _map_through_reshape(ins, outs, ax.token)
+        if t is None:
+            raise NotLocal(f"{node.name}: reshape of a flattened batch x token axis ({list(ins)} -> {list(outs)})")
+        return AxisInfo(Axes(None, t, ax.merged))
+    if ax.batch is not None and ax.batch == ax.token - 1:
+        # (B, N, ...) -> (B*N, ...): batch and tokens flattened together (GPT-2's Conv1D)
+        pre = math.prod(ins[:ax.batch])
+        for j in range(len(outs)):
+            if outs[j] == ins[ax.batch] * ins[ax.token] and math.prod(outs[:j]) == pre and \
+                    _map_through_reshape(ins, outs, ax.token) is None:
+                return AxisInfo(Axes(None, j, ins[ax.batch]))
     t = _map_through_reshape(ins, outs, ax.token)
     if t is None:
         raise NotLocal(f"{node.name}: reshape merges or splits the token axis ({list(ins)} -> {list(outs)})")
@@ -383,11 +416,20 @@ def _getitem(node, axes, n):
     return AxisInfo(ax)
 
 
+_MERGED_OK = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.addmm, aten.mm,
+              aten.linear, aten.dropout, aten.clone, aten.contiguous, aten.to, aten._to_copy, aten.alias,
+              aten.detach, aten.type_as}
+
+
 def propagate(node: fx.Node, axes: dict, n_tokens: int) -> AxisInfo:
     """Axes of ``node`` given the axes of its inputs; raises ``NotLocal``."""
     if node.op != "call_function":
         raise NotLocal(f"{node.name}: {node.op} nodes are not analysed")
     p = packet(node)
+    tags = getattr(node.target, "tags", ())
+    if any(axes[a].merged is not None for a in node.all_input_nodes if a in axes) and p not in _MERGED_OK \
+            and torch.Tag.pointwise not in tags:
+        raise NotLocal(f"{node.name}: {getattr(p, '__name__', p)} on a flattened batch x token axis")
     fn = RULES.get(p)
     if fn is not None:
         return fn(node, axes, n_tokens)

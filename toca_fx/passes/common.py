@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -158,7 +159,11 @@ def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node, r
             ax = site.region_axes[n]
             sizes = list(c.args[1])
             if sizes[ax.token] != -1:
-                sizes[ax.token] = k
+                if ax.merged is not None:
+                    with b.graph.inserting_before(c):
+                        sizes[ax.token] = b.call(operator.mul, k, ax.merged)
+                else:
+                    sizes[ax.token] = k
                 c.args = (c.args[0], sizes) + tuple(c.args[2:])
         rmap[src] = c
     b.bump("region_nodes", len(region))
