@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 RATIO_SCHEDULES = ("constant", "toca-ddim50", "toca-ddpm250", "toca-pixart")
@@ -57,7 +57,6 @@ class ToCaConfig:
     k_buckets: int | None = None
     """Round k up to one of this many sizes per site (fewer compiled shapes); None: 8 when
     ``compile`` is set, else exact k."""
-    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> None:
@@ -103,14 +102,14 @@ class ToCaConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ToCaConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown ToCaConfig fields {sorted(unknown)}: allowed {sorted(names - {'extra'})}")
+            raise ValueError(f"unknown ToCaConfig fields {sorted(unknown)}: allowed {sorted(names)}")
         return cls(**data)
 
     def replace(self, **overrides: Any) -> "ToCaConfig":
