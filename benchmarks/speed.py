@@ -160,6 +160,10 @@ def main(argv=None):
     if args.device == "cuda":
         result.update(peak_memory=peak_memory(original, gen_cached, run, args.device))
     print(markdown([result]))
+    prof = result["partial_call_profile"]
+    print(f"\none partial call ({prof['partial_call_ms']:.1f} ms of self time): select {prof['select']:.2%}, "
+          f"gather {prof['gather']:.2%}, scatter {prof['scatter']:.2%} "
+          f"(together {prof['select+gather+scatter']:.2%})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))
@@ -167,33 +171,35 @@ def main(argv=None):
 
 
 def profile_overhead(cached, shape, args, dtype):
-    """Profile the second call of a generation (a partial step)."""
-    ctl = cached._toca_fx
-    toca_fx.reset(cached)
-    run1 = sampler(shape, 2, args.device, dtype)
-    # run a 2-step generation: call 1 fresh; profile the whole and keep only the partial call's ops
+    """Share of select / gather / scatter in the time of one partial model call (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with toca_fx.generation(cached, num_steps=args.steps):
-        sched_calls = []
-        orig_begin = ctl.begin_call
-
-        def begin(a, k):
-            orig_begin(a, k)
-            sched_calls.append(ctl.current.fresh)
-        ctl.begin_call = begin
-        try:
-            with profile(activities=acts, record_shapes=False) as prof:
-                run1(cached)
-        finally:
-            ctl.begin_call = orig_begin
-    key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    device = args.device
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    sch.set_timesteps(args.steps)
+    x = torch.randn(2, 4, shape["sample"], shape["sample"], generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    if shape["kind"] == "dit":
+        cond = dict(class_labels=torch.tensor([1, 1000], device=device))
+    else:
+        emb = torch.randn(2, shape["text"], 64, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+        cond = dict(encoder_hidden_states=emb, encoder_attention_mask=torch.ones(2, shape["text"], device=device),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    ctl = cached._toca_fx
+    with torch.no_grad(), toca_fx.generation(cached, num_steps=args.steps):
+        t0, t1 = sch.timesteps[:2]
+        cached(x, timestep=torch.full((2,), int(t0), device=device), **cond)          # fresh
+        sync(device)
+        with profile(activities=acts) as prof:
+            cached(x, timestep=torch.full((2,), int(t1), device=device), **cond)      # partial
+            sync(device)
+        assert ctl.calls["partial"] >= 1
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     rows = prof.key_averages()
     total = sum(getattr(r, key) for r in rows)
     names = {"select": ["toca_fx::select_tokens"], "gather": ["aten::gather"], "scatter": ["aten::scatter_"]}
     share = {k: sum(getattr(r, key) for r in rows if r.key in v) / total for k, v in names.items()}
-    share["calls"] = ["fresh" if f else "partial" for f in sched_calls]
-    share["note"] = "share of self time over a fresh + a partial call"
+    share["select+gather+scatter"] = sum(share.values())
+    share["partial_call_ms"] = total / 1000.0
     return share
 
 
