@@ -232,3 +232,18 @@ def test_k_buckets_limit_distinct_token_counts():
         sample_dit(model, steps=20)
     ks = {k for key in model._toca_fx.flop_log if key[1] != "fresh" for _, k in key[3]}
     assert ks and ks <= {4, 8, 12, 16}
+
+
+def test_cache_buffers_keep_their_addresses_across_steps():
+    """Fresh steps write into the existing buffers: static addresses for CUDA graphs / compile."""
+    model = make_dit(num_layers=1)
+    toca_fx.transform(model, interval=2, fresh_ratio=0.25)
+    ptrs = []
+    with toca_fx.generation(model, num_steps=6):
+        sch = diffusers.DDIMScheduler(num_train_timesteps=1000)
+        sch.set_timesteps(6)
+        for t in sch.timesteps:
+            _call(model, int(t))
+            st = model._toca_fx.blocks[0].states.get(0)
+            ptrs.append(tuple(v.data_ptr() for v in list(st.values.values()) + list(st.stale.values()) + [st.score]))
+    assert len(set(ptrs)) == 1

@@ -144,12 +144,19 @@ class BlockRuntime:
         score_val = None
         for (role, site), val in zip(v.extra_outputs, outs[n:]):
             if role == "value":
-                st.values[site] = val if self._cache_dtype is None else val.to(self._cache_dtype)
+                self._store(st.values, site, val)
                 if "__" not in site:       # "<site>__attn<i>": an attention cache inside a site
-                    st.stale[site] = torch.zeros(x.shape[0], e.analysis.site(site).n_tokens, device=x.device)
+                    if site in st.stale:
+                        st.stale[site].zero_()
+                    else:
+                        st.stale[site] = torch.zeros(x.shape[0], e.analysis.site(site).n_tokens, device=x.device)
             else:
                 score_val = val
-        st.score = base_score(e.score_role, score_val, bool(ctl.cfg), x.shape[0], e.analysis.n_tokens, x.device)
+        score = base_score(e.score_role, score_val, bool(ctl.cfg), x.shape[0], e.analysis.n_tokens, x.device)
+        if st.score is not None and st.score.shape == score.shape:
+            st.score.copy_(score)
+        else:
+            st.score = score
         st.ready = True
         self.stats["fresh"] += 1
         for s in e.sites:
@@ -209,7 +216,7 @@ class BlockRuntime:
         n = v.n_user_outputs
         for (role, site), val in zip(v.extra_outputs, outs[n:]):
             if role == "value":
-                st.values[site] = val if self._cache_dtype is None else val.to(self._cache_dtype)
+                self._store(st.values, site, val)
                 if "__" not in site:
                     st.stale[site].zero_()
         for s in e.sites:
@@ -224,6 +231,16 @@ class BlockRuntime:
         self.stats["partial"] += 1
         ctl.flop_log[(e.key, ("partial", id(v)), self.module_id, tuple(sorted(ks.items())))] += 1
         return outs[:n]
+
+    def _store(self, values, site: str, val: torch.Tensor) -> None:
+        """Write a freshly computed value into its cache buffer in place, so cache tensors keep
+        their addresses across steps (what CUDA graphs and compiled graphs with static inputs need);
+        the first time, the value itself (cast to ``cache_dtype``) becomes the buffer."""
+        old = values.get(site)
+        if old is not None and old.shape == val.shape:
+            old.copy_(val)
+        else:
+            values[site] = val if self._cache_dtype is None else val.to(self._cache_dtype)
 
     def _score(self, e: Entry, st: BranchState, stream: int, x: torch.Tensor) -> torch.Tensor:
         """Base score of one stream: the fresh step's (main stream) or zeros (staleness alone)."""
