@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
 
 import toca_fx
 from blocks import EscapingBlock, MixerBlock, MLPOnlyBlock, Stack
-from conftest import make_dit, make_pixart, pixart_text, rel_err
+from conftest import make_dit, make_pixart, pixart_text
 from toca_fx.analysis import probe_site, run_with_override
 from toca_fx.runtime.entry import partial_variant
 
@@ -134,12 +132,11 @@ def test_partial_variant_skips_unselected_rows_numerically():
 
 def test_escaping_branch_output_is_not_cached():
     model = Stack([EscapingBlock(16) for _ in range(2)]).eval()
-    ref = copy.deepcopy(model)
     toca_fx.transform(model, interval=2, fresh_ratio=0.5)
     x = torch.randn(2, 16, 16)
     with torch.no_grad():
         for t in (3, 2, 1):
-            out = model(x, timestep=t)
+            model(x, timestep=t)
     e = _entry(model)
     mlp = [s for s in e.sites if s.kind == "mlp"]
     assert len(mlp) == 1 and not mlp[0].cacheable
@@ -162,12 +159,11 @@ def st_actions(model, site):
 
 def test_token_mixing_mlp_is_not_rewritten_token_wise():
     model = Stack([MixerBlock(16, 8) for _ in range(2)]).eval()
-    ref = copy.deepcopy(model)
     toca_fx.transform(model, interval=2, fresh_ratio=0.5, self_attention="partial")
     x = torch.randn(2, 8, 16)
     with torch.no_grad():
         model(x, timestep=2)
-        out = model(x, timestep=1)
+        model(x, timestep=1)
     e = _entry(model)
     mix = [s for s in e.sites if s.kind == "other"]
     assert len(mix) == 1 and mix[0].cacheable and not mix[0].local

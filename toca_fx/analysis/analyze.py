@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from .axes import Axes, AxisInfo, NotLocal, propagate
-from .graph import packet, shape, to_nx, val
+from .graph import packet, shape, to_nx
 from .residual import SpineError, find_streams, joint_root, residual_adds
 from .sites import BlockAnalysis, Site
 

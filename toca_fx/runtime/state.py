@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 
-import torch
 import torch.nn as nn
 
 
