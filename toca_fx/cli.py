@@ -1,8 +1,10 @@
-"""The ``toca-fx`` command line: ``demo`` (the default), ``explain`` and ``presets``.
+"""The ``toca-fx`` command line: ``demo`` (the default), ``bench``, ``explain`` and ``presets``.
 
 Example::
 
-    toca-fx demo --quick                 # original vs ToCa vs FORA on a small random DiT
+    toca-fx demo                         # uncached vs ToCa vs FORA on the bundled digit DiT
+    toca-fx demo --quick --out /tmp/d    # a short run (fewer steps and images)
+    toca-fx bench                        # the speed-quality benchmark (benchmarks/bench.py)
     toca-fx explain ./my-dit             # a diffusers model directory (save_pretrained)
     toca-fx explain DiTTransformer2DModel --config '{"num_layers": 2}'
     toca-fx presets
@@ -11,15 +13,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import inspect
 import json
 import os
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +29,7 @@ from .config import PRESETS, ToCaConfig
 from .errors import ToCaError
 
 PROG = "toca-fx"
-
-# The demo DiT: class-conditional, 16x16 latents in 2x2 patches = 64 tokens, 10 classes + the CFG null class.
-DEMO_DIT = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8,
-                sample_size=16, patch_size=2, num_embeds_ada_norm=10)
-NULL_LABEL = DEMO_DIT["num_embeds_ada_norm"]   # DiT's label table has an extra row, index num_classes, for CFG's null class
-GUIDANCE_SCALE = 4.0
-LATENT_CHANNELS = 4        # out_channels=8 is eps + learned sigma; CFG mixes only the eps half
+DEMO_PRESET = "toca-digits"
 
 
 class UsageError(Exception):
@@ -44,193 +37,6 @@ class UsageError(Exception):
 
 
 # -- demo ------------------------------------------------------------------------------------------
-
-@dataclass
-class RunResult:
-    """Measurements of one configuration of the demo."""
-
-    config: str
-    preset: str | None
-    flops: int
-    wall_times: list[float]
-    rel_l2: float = 0.0
-    flops_speedup: float = 1.0
-    wall_speedup: float = 1.0
-    stats: Any = field(default=None, repr=False)   # toca_fx.stats after one generation; None for the original
-
-    @property
-    def wall(self) -> float:
-        return statistics.median(self.wall_times)
-
-
-def _progress(iterable, desc: str):
-    """Wrap ``iterable`` in a tqdm bar when tqdm is installed; tqdm is optional, so fall back to no bar."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    # disable=None: no bar when stderr is not a terminal, so logs and pipes stay clean.
-    return tqdm(iterable, desc=desc, leave=False, disable=None, file=sys.stderr)
-
-
-def build_demo_model(layers: int, device: str) -> torch.nn.Module:
-    """A small random-weight class-conditional DiT (the seed is set by the caller).
-
-    Random weights until a trained checkpoint is wired in: the speed and FLOPs numbers are
-    meaningful, the sample error is not a statement about image quality.
-    """
-    from diffusers import DiTTransformer2DModel
-
-    return DiTTransformer2DModel(num_layers=layers, **DEMO_DIT).to(device).eval()
-
-
-def make_inputs(batch: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Starting noise and class labels from their own seeded generator, identical for every run."""
-    gen = torch.Generator().manual_seed(seed)
-    size = DEMO_DIT["sample_size"]
-    noise = torch.randn(batch, DEMO_DIT["in_channels"], size, size, generator=gen)
-    labels = torch.randint(0, DEMO_DIT["num_embeds_ada_norm"], (batch,), generator=gen)
-    return noise.to(device), labels.to(device)
-
-
-@torch.no_grad()
-def sample(model, noise: torch.Tensor, labels: torch.Tensor, steps: int, desc: str = "") -> torch.Tensor:
-    """DDIM sampling with classifier-free guidance done in one batch (conditional and null halves)."""
-    from diffusers import DDIMScheduler
-
-    # A new scheduler per run: DDIM keeps the timestep list and step counter on the instance.
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
-    class_labels = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
-    for t in _progress(scheduler.timesteps, desc):
-        x_in = torch.cat([x, x])
-        t_in = t.to(x.device).expand(x_in.shape[0])
-        out = model(x_in, timestep=t_in, class_labels=class_labels).sample
-        eps_c, eps_u = out[:, :LATENT_CHANNELS].chunk(2)
-        eps = eps_u + GUIDANCE_SCALE * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x).prev_sample
-    return x
-
-
-def _sync(device: str) -> None:
-    """Wait for queued GPU work so wall-clock times cover the whole sampling loop."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _one_generation(model, steps: int, transformed: bool):
-    """A context for one sampling loop: a ToCa generation of ``steps`` calls, or nothing for the original."""
-    return toca_fx.generation(model, num_steps=steps) if transformed else contextlib.nullcontext()
-
-
-def measure(model, label: str, preset: str | None, args, noise, labels) -> tuple[RunResult, torch.Tensor]:
-    """Warm up once, time ``args.repeats`` sampling loops, then count FLOPs in a separate loop.
-
-    The warm-up is untimed because the first ToCa call captures and rewrites the blocks, and the
-    first call of any model pays for allocator and kernel warm-up. FLOPs are counted outside the
-    timed runs since FlopCounterMode's dispatch overhead would distort the wall time.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    transformed = preset is not None
-    with _one_generation(model, args.steps, transformed):
-        sample(model, noise, labels, args.steps, f"{label} warm-up")
-    # Stats after exactly one generation; later runs would only multiply the counts.
-    stats = toca_fx.stats(model) if transformed else None
-
-    times, latents = [], None
-    for i in range(args.repeats):
-        _sync(args.device)
-        start = time.perf_counter()
-        with _one_generation(model, args.steps, transformed):
-            x = sample(model, noise, labels, args.steps, f"{label} run {i + 1}/{args.repeats}")
-        _sync(args.device)
-        times.append(time.perf_counter() - start)
-        if i == 0:
-            latents = x   # every run starts from the same noise, so any one serves for the error
-
-    counter = FlopCounterMode(display=False)
-    with counter, _one_generation(model, args.steps, transformed):
-        sample(model, noise, labels, args.steps, f"{label} FLOPs")
-    result = RunResult(config=label, preset=preset, flops=counter.get_total_flops(), wall_times=times, stats=stats)
-    return result, latents
-
-
-def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref||, in float64 so tiny differences are not rounded away."""
-    x, ref = x.double(), ref.double()
-    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
-
-
-def _demo_configs(preset: str) -> list[tuple[str, str | None]]:
-    """(label, preset) pairs: the original, the chosen preset, and FORA (once, if it was the choice)."""
-    configs = [("original", None), (preset, preset)]
-    if preset != "fora":
-        configs.append(("fora", "fora"))
-    return configs
-
-
-def format_table(results: list[RunResult]) -> str:
-    """The comparison table. Speed-ups are original / this run (>1 means cheaper), as in toca_fx.stats."""
-    header = (f"{'config':<18} {'GFLOPs':>9} {'FLOPs speed-up':>14} {'wall s':>8} {'wall speed-up':>13} "
-              f"{'rel. L2 vs original':>19}")
-    lines = [header, "-" * len(header)]
-    for r in results:
-        lines.append(f"{r.config:<18} {r.flops / 1e9:>9.3f} {r.flops_speedup:>13.2f}x {r.wall:>8.3f} "
-                     f"{r.wall_speedup:>12.2f}x {r.rel_l2:>19.2e}")
-    return "\n".join(lines)
-
-
-def cmd_demo(args) -> int:
-    """Compare the original model, ``--preset`` and FORA on a small random DiT."""
-    if args.quick:
-        args.steps, args.layers = 10, 4
-    # Validate user input before building anything, so mistakes fail fast and in one line.
-    ToCaConfig.preset(args.preset)
-    for name in ("steps", "batch", "layers", "repeats"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, not {getattr(args, name)}")
-    _check_device(args.device)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise UsageError(f"--json {args.json!r}: its directory does not exist")
-
-    torch.manual_seed(args.seed)
-    model = build_demo_model(args.layers, args.device)
-    noise, labels = make_inputs(args.batch, args.seed, args.device)
-    print(f"{PROG} demo: random-weight DiT, {args.layers} layers, "
-          f"{(DEMO_DIT['sample_size'] // DEMO_DIT['patch_size']) ** 2} tokens, batch {args.batch} x 2 (CFG), "
-          f"DDIM {args.steps} steps, seed {args.seed}, device {args.device}, median of {args.repeats} timed run(s)")
-
-    results, reference = [], None
-    for label, preset in _demo_configs(args.preset):
-        if preset is not None:
-            toca_fx.transform(model, preset)
-        try:
-            result, latents = measure(model, label, preset, args, noise, labels)
-        finally:
-            if preset is not None:
-                toca_fx.remove(model)
-        if reference is None:
-            reference = latents
-        result.rel_l2 = _rel_l2(latents, reference)
-        results.append(result)
-
-    base = results[0]
-    for r in results:
-        r.flops_speedup = base.flops / r.flops if r.flops else float("nan")
-        r.wall_speedup = base.wall / r.wall if r.wall else float("nan")
-
-    print(format_table(results))
-    print("FLOPs: whole model (torch FlopCounterMode) over one sampling loop. The weights are random, so the "
-          "rel. L2 error says nothing about image quality; it only shows how far the caches moved the samples.")
-    toca = results[1]
-    print(f"\n{toca.config}, one generation:")
-    print(toca.stats)
-    if args.json:
-        _write_json(args, results)
-    return 0
-
 
 def _check_device(device: str) -> None:
     """Fail in one line on a device string torch does not know, or a GPU that is not there."""
@@ -242,17 +48,164 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device {device!r}: CUDA is not available")
 
 
-def _write_json(args, results: list[RunResult]) -> None:
-    """Write the settings and per-configuration measurements to ``args.json``."""
-    settings = {k: getattr(args, k) for k in ("steps", "preset", "seed", "batch", "layers", "repeats", "device")}
-    data = dict(settings=settings, random_weights=True,
-                results=[{**asdict(r), "wall": r.wall, "gflops": r.flops / 1e9} for r in results])
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+
+
+def _out_dir(path: str) -> Path:
+    """``--out``, created if needed; a one-line error if it cannot be."""
+    out = Path(path)
     try:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot write --json {args.json!r}: {e.strerror}") from None
-    print(f"\nwrote {args.json}")
+        raise UsageError(f"--out {path!r}: cannot create the directory ({e.strerror})") from None
+    return out
+
+
+def fora_intervals_for(ratio: float, steps: int) -> list[int]:
+    """FORA's N values that bracket a FLOPs ratio: [N, N + 1] with N >= 2 the largest whose FLOPs ratio, about
+    steps / ceil(steps / N) (one fresh call in N; the blocks are nearly all of the FLOPs), is at most ``ratio``;
+    [2] when even N = 2 is above it."""
+    estimate = lambda n: steps / -(-steps // n)  # noqa: E731
+    if estimate(2) > ratio or steps < 3:
+        return [2]
+    n = 2
+    while n + 1 < steps and estimate(n + 1) <= ratio:
+        n += 1
+    return [n, n + 1]
+
+
+METRIC_KEYS = ("psnr", "ssim", "frechet_distance", "class_agreement")
+
+
+def fora_at(ratio: float, fora_rows: list[dict]) -> dict:
+    """FORA's metrics at a FLOPs ratio: linear in the FLOPs ratio between the two FORA runs that bracket it,
+    else those of the nearest run (FORA's N is an integer, so no single FORA run has exactly ToCa's ratio)."""
+    rows = sorted(fora_rows, key=lambda r: r["flops_ratio"])
+    lo = [r for r in rows if r["flops_ratio"] <= ratio]
+    hi = [r for r in rows if r["flops_ratio"] > ratio]
+    if lo and hi:
+        a, b = lo[-1], hi[0]
+        w = (ratio - a["flops_ratio"]) / (b["flops_ratio"] - a["flops_ratio"])
+        values = {k: a[k] + w * (b[k] - a[k]) for k in METRIC_KEYS}
+        return dict(flops_ratio=ratio, **values, method=f"linear in FLOPs ratio between {a['name']} and {b['name']}")
+    near = min(rows, key=lambda r: abs(r["flops_ratio"] - ratio))
+    return dict(flops_ratio=near["flops_ratio"], **{k: near[k] for k in METRIC_KEYS}, method=f"{near['name']} (nearest)")
+
+
+def demo_checks(base: dict, toca: dict, fora: dict) -> dict:
+    """The issue's bars for the demo: the uncached run, the ToCa run, and FORA at ToCa's FLOPs ratio."""
+    return {
+        "uncached class agreement >= 0.9": base["class_agreement"] >= 0.9,
+        "ToCa FLOPs ratio >= 2": toca["flops_ratio"] >= 2.0,
+        "ToCa PSNR >= 25 dB": toca["psnr"] >= 25.0,
+        "ToCa SSIM >= 0.9": toca["ssim"] >= 0.9,
+        "ToCa PSNR > FORA's at the same FLOPs ratio": toca["psnr"] > fora["psnr"],
+        "ToCa Frechet distance < FORA's at the same FLOPs ratio": toca["frechet_distance"] < fora["frechet_distance"],
+    }
+
+
+def cmd_demo(args) -> int:
+    """Uncached vs ``--preset`` vs FORA on the bundled digit DiT: same labels, same noise, same scheduler."""
+    quick = dict(steps=25, images=20) if args.quick else dict(steps=50, images=100)
+    for name, default in quick.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    # Validate user input before loading anything, so mistakes fail fast and in one line.
+    config = ToCaConfig.preset(args.preset, compile=args.compile)
+    _check_positive(args, "steps", "images", "repeats")
+    if args.fora_interval is not None:
+        _check_positive(args, "fora_interval")
+    _check_device(args.device)
+    out = _out_dir(args.out)
+
+    from . import demo
+    from .demo.evaluate import compare, format_table, machine_info, measure, save_grid
+
+    if args.guidance is None:
+        args.guidance = demo.DEFAULT_GUIDANCE
+
+    model = demo.load_model(device=args.device)
+    classifier = demo.load_classifier(device=args.device)
+    labels = torch.arange(args.images) % demo.NUM_CLASSES
+    kw = dict(num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance, repeats=args.repeats)
+    print(f"{PROG} demo: bundled digit DiT ({model.config.num_layers} blocks, 64 tokens), {args.images} images "
+          f"(x2 for CFG, guidance {args.guidance}), DDIM {args.steps} steps, seed {args.seed}, device {args.device}"
+          f"{', torch.compile' if args.compile else ''}", flush=True)
+
+    # Uncached. With --compile its blocks are compiled too (a copy, so the toca_fx runs below get plain blocks).
+    reference_model = model
+    if args.compile:
+        import copy
+
+        reference_model = copy.deepcopy(model)
+        for block in reference_model.transformer_blocks:
+            block.compile()
+    runs = [measure(reference_model, labels, "uncached", **kw)]
+
+    toca_fx.transform(model, config)
+    try:
+        toca_run = measure(model, labels, args.preset, **kw)
+        toca_run.info.update(config=config.to_dict(), stats_flops_ratio=toca_fx.stats(model).flops_ratio)
+    finally:
+        toca_fx.remove(model)
+    ratio = runs[0].flops / toca_run.flops
+    intervals = [args.fora_interval] if args.fora_interval else fora_intervals_for(ratio, args.steps)
+    for interval in intervals:
+        fora_config = ToCaConfig.preset("fora", interval=interval, compile=args.compile)
+        toca_fx.transform(model, fora_config)
+        try:
+            fora_run = measure(model, labels, f"fora N={interval}", **kw)
+            fora_run.info.update(config=fora_config.to_dict(), stats_flops_ratio=toca_fx.stats(model).flops_ratio)
+        finally:
+            toca_fx.remove(model)
+        runs.append(fora_run)
+    runs.insert(1, toca_run)
+
+    rows = compare(runs, labels, classifier)
+    fora = fora_at(rows[1]["flops_ratio"], rows[2:])
+    checks = demo_checks(rows[0], rows[1], fora)
+    print(format_table(rows))
+    print(f"FORA at ToCa's FLOPs ratio {fora['flops_ratio']:.2f}x ({fora['method']}): PSNR {fora['psnr']:.2f} dB, "
+          f"SSIM {fora['ssim']:.4f}, FD {fora['frechet_distance']:.3f}")
+    print("FLOPs ratio: uncached / this run, whole model, torch FlopCounterMode over one sampling loop; wall ratio: "
+          f"median of {args.repeats} timed loop(s) after a warm-up. PSNR / SSIM: against the uncached samples. "
+          f"class agr.: the bundled classifier's agreement with the requested digit. FD: Frechet distance to the "
+          f"1797 real digits in the classifier's feature space ({args.images} samples; compare at equal counts).")
+    for name, ok in checks.items():
+        print(f"  [{'x' if ok else ' '}] {name}")
+
+    grid_path, json_path = out / "demo_grid.png", out / "demo.json"
+    titles = [f"{r['name']}: {r['flops_ratio']:.2f}x FLOPs" + ("" if r["psnr"] is None else f", PSNR {r['psnr']:.1f} dB")
+              for r in rows]
+    save_grid([(t, r.images) for t, r in zip(titles, runs)], grid_path)
+    settings = dict(steps=args.steps, images=args.images, preset=args.preset, seed=args.seed, guidance=args.guidance,
+                    device=args.device, compile=args.compile, repeats=args.repeats, fora_intervals=intervals,
+                    quick=args.quick)
+    report = dict(settings=settings, machine=machine_info(), results=rows, fora_at_toca_ratio=fora, checks=checks,
+                  grid=str(grid_path))
+    try:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write {json_path}: {e.strerror}") from None
+    print(f"\nwrote {grid_path} and {json_path}")
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    """Run ``benchmarks/bench.py`` of a source checkout with the remaining arguments."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if not path.is_file():
+        raise UsageError(f"the benchmark is not installed with the package: {path} is missing "
+                         f"(run it from a source checkout: pip install -e .)")
+    spec = importlib.util.spec_from_file_location("toca_fx_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.bench_args)
 
 
 # -- explain ---------------------------------------------------------------------------------------
@@ -369,23 +322,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Token-wise feature caching (ToCa) for diffusion "
                                      "transformers. Without a command, runs 'demo'.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {toca_fx.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,explain,presets}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,explain,presets}")
 
-    demo = sub.add_parser("demo", help="original vs ToCa vs FORA on a small random-weight DiT (the default)",
-                          description="Sample a small random-weight DiT with DDIM and CFG three ways (original, "
-                          "--preset, fora) and compare FLOPs, wall time and the difference of the samples.")
-    demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    demo.add_argument("--preset", default="toca-dit-ddim50",
-                      help=f"ToCa preset to compare (default toca-dit-ddim50; one of {', '.join(PRESETS)})")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the weights, noise and labels (default 0)")
-    demo.add_argument("--batch", type=int, default=2, help="images per run, doubled by CFG (default 2)")
-    demo.add_argument("--layers", type=int, default=12, help="DiT blocks (default 12)")
-    demo.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the median is "
-                      "reported (default 1)")
-    demo.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    demo = sub.add_parser("demo", help="uncached vs ToCa vs FORA on the bundled digit DiT (the default)",
+                          description="Sample the bundled class-conditional digit DiT (DDIM, classifier-free "
+                          "guidance) without caching, with a ToCa preset and with FORA at the two intervals around "
+                          "ToCa's FLOPs ratio, "
+                          "from the same noise; print FLOPs and wall-clock ratios, PSNR / SSIM against the "
+                          "uncached samples, class agreement and the Frechet distance to real digits; write a PNG "
+                          "grid and a JSON report to --out.")
+    demo.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; 25 with --quick)")
+    demo.add_argument("--images", type=int, default=None,
+                      help="images per configuration, classes 0-9 in turn (default 100; 20 with --quick)")
+    demo.add_argument("--preset", default=DEMO_PRESET,
+                      help=f"ToCa preset to compare (default {DEMO_PRESET}; one of {', '.join(PRESETS)})")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    demo.add_argument("--guidance", type=float, default=None,
+                      help="classifier-free guidance scale (default: toca_fx.demo.DEFAULT_GUIDANCE)")
+    demo.add_argument("--fora-interval", type=int, default=None,
+                      help="run FORA with this N only (default: the two N whose FLOPs ratios bracket ToCa's; FORA's "
+                      "metrics at ToCa's ratio are interpolated between them)")
+    demo.add_argument("--repeats", type=int, default=1, help="timed runs per configuration after one warm-up; "
+                      "the median is reported (default 1)")
     demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    demo.add_argument("--quick", action="store_true", help="10 steps and 4 layers (overrides --steps/--layers)")
+    demo.add_argument("--compile", action="store_true",
+                      help="torch.compile the uncached blocks and toca_fx's variant graphs")
+    demo.add_argument("--out", default="toca-fx-demo", metavar="DIR",
+                      help="directory for demo_grid.png and demo.json (default ./toca-fx-demo)")
+    demo.add_argument("--quick", action="store_true", help="a short run: 25 steps, 20 images, unless given")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="the speed-quality benchmark on the bundled model (benchmarks/bench.py)",
+                           description="Run benchmarks/bench.py of a source checkout; arguments after 'bench' "
+                           "are passed to it (see toca-fx bench --help).", add_help=False)
+    bench.set_defaults(func=cmd_bench)   # main() hands everything after 'bench' to the benchmark unparsed
 
     explain = sub.add_parser("explain", help="show which blocks and sites of a diffusers model are cached",
                              description="Load a diffusers model (a save_pretrained directory, or a model class "
@@ -413,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for user mistakes, reported in one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(_with_default_command(argv))
+    if argv[:1] == ["bench"]:
+        args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(_with_default_command(argv))
     try:
         return args.func(args)
     except (UsageError, ToCaError, ValueError) as e:

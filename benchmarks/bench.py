@@ -1,0 +1,456 @@
+"""Speed-quality benchmark on the bundled digit DiT: toca_fx vs diffusers' cache hooks vs cache-dit.
+
+Usage::
+
+    python benchmarks/bench.py                 # the full sweep (also: toca-fx bench)
+    python benchmarks/bench.py --quick         # a few configurations, fewer images
+    python benchmarks/bench.py --only 'fora|dbcache'
+
+Every configuration samples the same labels from the same noise with the same DDIM scheduler, in one
+process (``toca_fx.demo.sample``), and is compared with the uncached run: FLOPs ratio (whole model,
+``FlopCounterMode``), wall-clock ratio (median of --repeats timed runs after a warm-up), PSNR / SSIM
+against the uncached samples, Frechet distance to the real digits in the bundled classifier's
+feature space, class agreement. Writes ``bench.json``, ``bench.md`` and ``pareto.png`` to --out.
+
+cache-dit is optional (``pip install --no-deps cache-dit``: its declared dependencies would replace
+the CPU torch); without it, its rows are recorded as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import toca_fx  # noqa: E402
+from toca_fx import demo  # noqa: E402
+from toca_fx.cli import fora_at  # noqa: E402
+from toca_fx.demo import quality  # noqa: E402
+from toca_fx.demo.evaluate import compare, format_table, machine_info, measure  # noqa: E402
+
+
+@dataclass
+class Prepared:
+    """A model ready to sample with one configuration, and how to undo it."""
+
+    model: Any
+    before_run: Callable[[], Any] | None = None
+    teardown: Callable[[], Any] | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    name: str
+    family: str
+    params: dict
+    prepare: Callable[[Any, int], Prepared]     # (base model, num_steps) -> Prepared
+
+
+class HookedModel(torch.nn.Module):
+    """What a pipeline would do around the model for diffusers' hooks: remember the current timestep (for a
+    ``current_timestep_callback``), enter a ``cache_context`` for each call (diffusers' ``CacheMixin.cache_context``;
+    ``DiTTransformer2DModel`` does not inherit ``CacheMixin``), and, for hooks that expect the CFG batch as
+    [unconditional, conditional] (FasterCache), reorder ``toca_fx.demo.sample``'s [conditional, unconditional]."""
+
+    def __init__(self, model, swap_cfg_halves: bool = False):
+        super().__init__()
+        self.model = model
+        self.swap = swap_cfg_halves
+        self.current_timestep = 1000
+
+    def forward(self, hidden_states, timestep=None, class_labels=None):
+        from diffusers.models.cache_utils import CacheMixin
+
+        def swap(x):
+            return torch.cat(x.chunk(2)[::-1]) if self.swap else x
+
+        self.current_timestep = int(timestep.flatten()[0])
+        with CacheMixin.cache_context(self.model, "inference"):
+            out = self.model(swap(hidden_states), timestep=swap(timestep), class_labels=swap(class_labels))
+        out.sample = swap(out.sample)
+        return out
+
+
+# -- toca_fx ------------------------------------------------------------------------------------------
+
+def toca_method(name: str, family: str, config: toca_fx.ToCaConfig) -> Method:
+    def prepare(base, steps):
+        toca_fx.transform(base, config)
+        return Prepared(base, teardown=lambda: toca_fx.remove(base), info=dict(config=config.to_dict()))
+
+    return Method(name, family, {k: v for k, v in config.to_dict().items() if k in
+                                 ("interval", "fresh_ratio", "ratio_schedule", "score", "self_attention")}, prepare)
+
+
+def toca_methods(quick: bool) -> list[Method]:
+    P = toca_fx.ToCaConfig.preset
+    out = [toca_method("toca-digits", "toca_fx ToCa (presets)", P("toca-digits")),
+           toca_method("toca-dit-ddim50", "toca_fx ToCa (presets)", P("toca-dit-ddim50"))]
+    if quick:
+        return out + [toca_method("fora N=2", "toca_fx FORA", P("fora", interval=2))]
+    # Every step fresh: the cost of running the captured graphs instead of diffusers' eager blocks.
+    out.append(toca_method("toca_fx N=1 (all fresh)", "toca_fx N=1", toca_fx.ToCaConfig(interval=1)))
+    for n in (2, 3, 4, 5):
+        for r in (0.1, 0.3):
+            out.append(toca_method(f"toca N={n} r0={r}", "toca_fx ToCa (N, r0 sweep)",
+                                   toca_fx.ToCaConfig(interval=n, fresh_ratio=r)))
+    for n, r in ((3, 0.2), (4, 0.1), (3, 0.5)):
+        out.append(toca_method(f"toca N={n} r0={r} partial attn", "toca_fx ToCa (N, r0 sweep)",
+                               toca_fx.ToCaConfig(interval=n, fresh_ratio=r, self_attention="partial")))
+    for n in (2, 3, 4, 5):
+        out.append(toca_method(f"fora N={n}", "toca_fx FORA", P("fora", interval=n)))
+    base = P("toca-digits")
+    for score in toca_fx.config.SCORES:
+        if score != base.score:
+            out.append(toca_method(f"toca-digits score={score}", "toca_fx scores", base.replace(score=score)))
+    return out
+
+
+# -- diffusers' cache hooks ----------------------------------------------------------------------------
+
+def diffusers_method(name: str, family: str, params: dict, make_config: Callable[..., Any],
+                     calibrate: Callable[[Any, int], dict] | None = None, swap_cfg_halves: bool = False) -> Method:
+    """A fresh copy of the model with one of diffusers' cache hooks applied (``apply_*`` on the module)."""
+
+    def prepare(base, steps):
+        from diffusers.hooks import HookRegistry
+
+        model = copy.deepcopy(base)
+        wrapped = HookedModel(model, swap_cfg_halves)
+        extra = calibrate(model, steps) if calibrate is not None else {}
+        cfg = make_config(wrapped, steps, **extra)
+        _apply_diffusers_cache(model, cfg)
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        return Prepared(wrapped, before_run=registry.reset_stateful_hooks,
+                        info=dict(config=" ".join(repr(cfg).split())))
+
+    return Method(name, family, params, prepare)
+
+
+def _apply_diffusers_cache(model, cfg) -> None:
+    from diffusers import hooks as H
+
+    appliers = {"FirstBlockCacheConfig": H.apply_first_block_cache, "TaylorSeerCacheConfig": H.apply_taylorseer_cache,
+                "PyramidAttentionBroadcastConfig": H.apply_pyramid_attention_broadcast,
+                "FasterCacheConfig": H.apply_faster_cache, "MagCacheConfig": H.apply_mag_cache}
+    appliers[type(cfg).__name__](model, cfg)
+
+
+def _calibrate_mag(model, steps, labels, seed, guidance):
+    """MagCache needs per-model magnitude ratios: one uncached run in diffusers' calibration mode, which prints
+    them at the end of the loop (and does not keep them)."""
+    import ast
+
+    from diffusers import hooks as H
+
+    calib = copy.deepcopy(model)
+    H.apply_mag_cache(calib, H.MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        demo.sample(HookedModel(calib), labels, num_steps=steps, seed=seed, guidance_scale=guidance)
+    lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    return dict(mag_ratios=ast.literal_eval(lists[-1]))
+
+
+def diffusers_methods(quick: bool, labels, seed, guidance) -> list[Method]:
+    from diffusers import hooks as H
+
+    out = []
+    for thr in ((0.2,) if quick else (0.1, 0.2, 0.3, 0.5)):
+        out.append(diffusers_method(f"FirstBlockCache thr={thr}", "diffusers FirstBlockCache", dict(threshold=thr),
+                                    lambda p, s, thr=thr: H.FirstBlockCacheConfig(threshold=thr)))
+    # TaylorSeer on the attention and MLP outputs of every block (the paper's granularity), first order.
+    modules = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
+    for n in ((3,) if quick else (2, 3, 4, 5)):
+        out.append(diffusers_method(
+            f"TaylorSeerCache N={n}", "diffusers TaylorSeerCache", dict(cache_interval=n, max_order=1),
+            lambda p, s, n=n: H.TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=3, max_order=1,
+                                                     taylor_factors_dtype=torch.float32, cache_identifiers=modules)))
+    for n in ((2,) if quick else (2, 3, 4)):
+        out.append(diffusers_method(
+            f"PAB spatial={n}", "diffusers PyramidAttentionBroadcast",
+            dict(spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(100, 800)),
+            lambda p, s, n=n: H.PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=lambda: p.current_timestep)))
+    for n in ((2,) if quick else (2, 3)):
+        out.append(diffusers_method(
+            f"FasterCache spatial={n}", "diffusers FasterCache",
+            dict(spatial_attention_block_skip_range=n, unconditional_batch_skip_range=5),
+            lambda p, s, n=n: H.FasterCacheConfig(
+                spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(-1, 681),
+                unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 781),
+                current_timestep_callback=lambda: p.current_timestep, tensor_format="BCHW",
+                _unconditional_conditional_input_kwargs_identifiers=("hidden_states", "timestep", "class_labels")),
+            swap_cfg_halves=True))
+    calibrate = lambda m, s: _calibrate_mag(m, s, labels, seed, guidance)  # noqa: E731
+    for thr in ((0.06,) if quick else (0.03, 0.06, 0.12, 0.24)):
+        out.append(diffusers_method(
+            f"MagCache thr={thr}", "diffusers MagCache", dict(threshold=thr, max_skip_steps=3, retention_ratio=0.2),
+            lambda p, s, thr=thr, mag_ratios=None: H.MagCacheConfig(
+                threshold=thr, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=s, mag_ratios=mag_ratios),
+            calibrate=calibrate))
+    return out
+
+
+# What diffusers 0.42 ships and this benchmark does not run, with the reason (checked on this model).
+NOT_APPLICABLE = [
+    dict(name="SeaCache", family="diffusers SeaCache", params={},
+         reason="needs per-call scheduler metadata with a flow-matching sigma in [0, 1] "
+                "(cache_context(step_index=, sigma=, num_inference_steps=)) and video latents (C, T, H, W) from a "
+                "raw_vision_callback; diffusers has adapters only for Cosmos3 and Wan T2V. On this DDIM model it "
+                "runs fail-open (logs a warning, caches nothing)."),
+    dict(name="TextKVCache", family="diffusers TextKVCache", params={},
+         reason="caches the text keys/values of cross-attention (exact); the class-conditional DiT has no text "
+                "encoder states and no cross-attention."),
+]
+
+
+# -- cache-dit ---------------------------------------------------------------------------------------
+
+def cache_dit_methods(quick: bool) -> list[Method]:
+    def method(name, family, params, taylorseer):
+        def prepare(base, steps):
+            import cache_dit
+            from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+
+            _cache_dit_block_indexing()
+            model = copy.deepcopy(base)
+            adapter = BlockAdapter(transformer=model, blocks=model.transformer_blocks,
+                                   forward_pattern=ForwardPattern.Pattern_3, has_separate_cfg=False)
+            cal = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+            cfg = DBCacheConfig(num_inference_steps=steps, **params)
+            with _quiet():
+                cache_dit.enable_cache(adapter, cache_config=cfg, calibrator_config=cal)
+            return Prepared(model, before_run=None, info=dict(config=repr(cfg)))
+
+        return Method(name, family, params, prepare)
+
+    out = []
+    grid = [(1, 0, 0.2)] if quick else [(1, 0, 0.1), (1, 0, 0.2), (1, 0, 0.4), (1, 0, 0.8)]
+    for fn, bn, thr in grid:
+        params = dict(Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=thr,
+                      max_warmup_steps=4, max_continuous_cached_steps=3)
+        out.append(method(f"DBCache F{fn}B{bn} thr={thr}", "cache-dit DBCache", params, False))
+        out.append(method(f"DBCache+TaylorSeer F{fn}B{bn} thr={thr}", "cache-dit DBCache+TaylorSeer", params, True))
+    return out
+
+
+def _cache_dit_block_indexing() -> None:
+    """DiTTransformer2DModel.forward reads ``self.transformer_blocks[0].norm1.emb`` after its block loop (the final
+    adaLN reuses block 0's embedder), while cache-dit has swapped ``transformer_blocks`` for a list holding its
+    ``CachedBlocks`` wrapper. Let the wrapper answer ``norm1`` with its first block's (the only change made to
+    cache-dit; what it caches and skips is untouched)."""
+    from cache_dit.caching.cache_blocks.pattern_base import CachedBlocks_Pattern_Base
+
+    if not hasattr(CachedBlocks_Pattern_Base, "norm1"):
+        CachedBlocks_Pattern_Base.norm1 = property(lambda self: self.transformer_blocks[0].norm1)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence third-party loggers and prints during setup."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def fd_floor(n: int, classifier, draws: int = 10) -> dict:
+    """Frechet distance of n random real digits to all 1797, over ``draws`` draws: what a perfect sampler scores
+    at n samples, and how much the distance moves from sampling alone."""
+    images, _ = demo.real_digits()
+    every = quality.features(images, classifier)
+    values = [quality.frechet_distance(every[torch.randperm(len(images), generator=torch.Generator().manual_seed(s))[:n]],
+                                       every) for s in range(draws)]
+    return dict(n=n, draws=draws, mean=sum(values) / draws, min=min(values), max=max(values))
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model = demo.load_model()
+    classifier = demo.load_classifier()
+    labels = torch.arange(args.images) % demo.NUM_CLASSES
+    kw = dict(num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance, repeats=args.repeats,
+              progress=not args.no_progress)
+
+    methods = toca_methods(args.quick) + diffusers_methods(args.quick, labels, args.seed, args.guidance) \
+        + cache_dit_methods(args.quick)
+    if args.only:
+        methods = [m for m in methods if re.search(args.only, m.name, re.I) or re.search(args.only, m.family, re.I)]
+    t0 = time.perf_counter()
+    base = measure(model, labels, "uncached", **kw)
+    base.info.update(family="uncached", params={})
+    runs, skipped = [base], list(NOT_APPLICABLE)
+    for i, m in enumerate(methods):
+        print(f"[{i + 1}/{len(methods)}] {m.name}", file=sys.stderr, flush=True)
+        prepared = None
+        try:
+            prepared = m.prepare(model, args.steps)
+            r = measure(prepared.model, labels, m.name, before_run=prepared.before_run, **kw)
+            r.info.update(family=m.family, params=m.params, **prepared.info)
+            runs.append(r)
+        except Exception as e:  # a method that does not apply here is recorded, not fatal
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+            if args.verbose:
+                traceback.print_exc()
+            skipped.append(dict(name=m.name, family=m.family, params=m.params, reason=reason))
+            print(f"  skipped: {reason}", file=sys.stderr)
+        finally:
+            if prepared is not None and prepared.teardown is not None:
+                prepared.teardown()
+            elif "_toca_fx" in model.__dict__:
+                toca_fx.remove(model)
+    rows = compare(runs, labels, classifier)
+    return dict(settings=dict(steps=args.steps, images=args.images, seed=args.seed, guidance=args.guidance,
+                              repeats=args.repeats, threads=args.threads, quick=args.quick, only=args.only),
+                machine=machine_info(), seconds=time.perf_counter() - t0,
+                fd_real_digits=fd_floor(args.images, classifier),
+                results=rows, skipped=skipped)
+
+
+def versus_fora(row: dict, rows: list[dict]) -> dict | None:
+    """PSNR and FD of a row minus FORA's at the same FLOPs ratio (interpolated between the FORA runs around it);
+    None outside FORA's range or for FORA itself."""
+    fora = [r for r in rows if r["family"] == "toca_fx FORA"]
+    if row["family"] in ("toca_fx FORA", "uncached") or not fora:
+        return None
+    lo, hi = min(r["flops_ratio"] for r in fora), max(r["flops_ratio"] for r in fora)
+    if not lo <= row["flops_ratio"] <= hi:
+        return None
+    f = fora_at(row["flops_ratio"], fora)
+    return dict(psnr=row["psnr"] - f["psnr"], frechet_distance=row["frechet_distance"] - f["frechet_distance"])
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    rows = report["results"]
+    lines = [f"DDIM {s['steps']} steps, CFG {s['guidance']}, {s['images']} images (classes 0-9), seed {s['seed']}, "
+             f"{s['threads']} thread(s), wall time the median of {s['repeats']} run(s) after a warm-up; "
+             f"{report['machine']['cpu']} ({report['machine']['cores']} cores), torch {report['machine']['torch']}, "
+             f"diffusers {report['machine']['diffusers']}.", "",
+             "| family | config | FLOPs ratio | wall ratio | PSNR dB | SSIM | FD | class agr. | PSNR - FORA's | FD - FORA's |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        v = versus_fora(r, rows)
+        vs = "| - | - |" if v is None else f"| {v['psnr']:+.2f} | {v['frechet_distance']:+.1f} |"
+        lines.append(f"| {r['family']} | {r['name']} | {r['flops_ratio']:.2f}x | {r['wall_ratio']:.2f}x | {psnr} | "
+                     f"{r['ssim']:.4f} | {r['frechet_distance']:.1f} | {r['class_agreement']:.2f} {vs}")
+    f = report["fd_real_digits"]
+    lines += ["", "PSNR / FD - FORA's: the row minus FORA's value at the same FLOPs ratio, linear between the two FORA "
+              "runs around it (positive PSNR / negative FD: ahead of FORA); '-' outside FORA's range.",
+              "", f"FD of {f['n']} random real digits to all 1797 (what a perfect sampler scores at this count), "
+              f"{f['draws']} draws: mean {f['mean']:.1f}, min {f['min']:.1f}, max {f['max']:.1f}."]
+    if report["skipped"]:
+        lines += ["", "Skipped:", ""] + [f"- {k['name']} ({k['family']}): {k['reason']}" for k in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+FAMILY_STYLE = {
+    "uncached": ("*", "black"),
+    "toca_fx ToCa (presets)": ("o", "C3"),
+    "toca_fx ToCa (N, r0 sweep)": ("o", "C1"),
+    "toca_fx FORA": ("s", "C0"),
+    "toca_fx scores": ("P", "C5"),
+    "toca_fx N=1": ("+", "gray"),
+    "diffusers FirstBlockCache": ("^", "C2"),
+    "diffusers TaylorSeerCache": ("v", "C4"),
+    "diffusers PyramidAttentionBroadcast": ("<", "C6"),
+    "diffusers FasterCache": (">", "C7"),
+    "diffusers MagCache": ("D", "C8"),
+    "cache-dit DBCache": ("X", "C9"),
+    "cache-dit DBCache+TaylorSeer": ("h", "olive"),
+}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    rows = report["results"]
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        pts = [r for r in rows if r["family"] == fam]
+        marker, color = FAMILY_STYLE.get(fam, ("o", None))
+        axes[0].scatter([r["flops_ratio"] for r in pts], [r["frechet_distance"] for r in pts], marker=marker,
+                        color=color, label=fam, s=45, alpha=0.85)
+        pts = [r for r in pts if r["psnr"] is not None]
+        axes[1].scatter([r["flops_ratio"] for r in pts], [min(r["psnr"], 60) for r in pts], marker=marker,
+                        color=color, label=fam, s=45, alpha=0.85)
+    for r in rows:
+        if r["family"] == "toca_fx ToCa (presets)":
+            axes[0].annotate(r["name"], (r["flops_ratio"], r["frechet_distance"]), fontsize=7, xytext=(4, 4),
+                             textcoords="offset points")
+            axes[1].annotate(r["name"], (r["flops_ratio"], r["psnr"]), fontsize=7, xytext=(4, 4),
+                             textcoords="offset points")
+    f = report["fd_real_digits"]
+    axes[0].axhspan(f["min"], f["max"], color="gray", alpha=0.12, label=f"{f['n']} real digits ({f['draws']} draws)")
+    axes[0].axhline(f["mean"], color="gray", lw=0.8, ls="--")
+    axes[0].set(xlabel="FLOPs ratio (uncached / method)", ylabel="Frechet distance to real digits (lower is better)",
+                title="FLOPs ratio vs Frechet distance")
+    axes[1].set(xlabel="FLOPs ratio (uncached / method)", ylabel="PSNR vs uncached, dB (higher is better)",
+                title="FLOPs ratio vs PSNR")
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="toca-fx bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=demo.DEFAULT_GUIDANCE)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--quick", action="store_true", help="a few configurations only")
+    ap.add_argument("--only", help="regular expression: run only matching configuration names / families")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="print tracebacks of skipped configurations")
+    ap.add_argument("--replot", action="store_true", help="no runs: rewrite bench.md and pareto.png from bench.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        report = json.loads((args.out / "bench.json").read_text())
+        report.pop("fd_real_digits_floor", None)
+        report["skipped"] += [k for k in NOT_APPLICABLE if k not in report["skipped"]]
+        report.setdefault("fd_real_digits", fd_floor(report["settings"]["images"], demo.load_classifier()))
+    else:
+        report = run(args)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "bench.md").write_text(markdown(report))
+    plot(report, args.out / "pareto.png")
+    print(format_table(report["results"]))
+    print(f"\nwrote {args.out / 'bench.json'}, bench.md, pareto.png ({report['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
