@@ -101,13 +101,17 @@ def test_pixart_partial_attention_keeps_fused_sdpa_with_all_keys():
     assert key_linears, "key/value projections must run on all tokens"
 
 
-def test_partial_variant_skips_unselected_rows_numerically():
-    """Rows not selected keep the cached value exactly; selected rows are recomputed."""
+def _one_dit_block():
+    """A transformed 1-block DiT after its first call: (model, entry, block)."""
     model = make_dit(num_layers=1)
     toca_fx.transform(model)
     _dit_call(model)
-    e = _entry(model)
-    blk = model.transformer_blocks[0]
+    return model, _entry(model), model.transformer_blocks[0]
+
+
+def test_partial_variant_skips_unselected_rows_numerically():
+    """Rows not selected keep the cached value exactly; selected rows are recomputed."""
+    model, e, blk = _one_dit_block()
     v = partial_variant(e, {"self_attn0": "reuse", "mlp0": "partial"}, False, model._toca_fx.config)
     x = torch.randn(2, 16, 32)
     flat = [x, None, None, None, torch.tensor([5, 5]), None, torch.tensor([1, 2])]
@@ -175,11 +179,7 @@ def test_token_mixing_mlp_is_not_rewritten_token_wise():
 
 
 def test_probe_refutes_a_false_locality_claim():
-    model = make_dit(num_layers=1)
-    toca_fx.transform(model)
-    _dit_call(model)
-    e = _entry(model)
-    blk = model.transformer_blocks[0]
+    model, e, blk = _one_dit_block()
     inputs = e.capture.lifted_values(blk) + [torch.randn(2, 16, 32), None, None, None, torch.tensor([5, 5]), None,
                                              torch.tensor([1, 2])]
     attn = e.sites[0]
