@@ -123,3 +123,10 @@ def test_cli_user_mistakes_are_one_line_errors(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("toca-fx: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_bench_loads_the_benchmark_script(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: toca-fx bench" in capsys.readouterr().out

@@ -107,6 +107,26 @@ def demo_checks(base: dict, toca: dict, fora: dict) -> dict:
     }
 
 
+def _measure_toca(model, config: ToCaConfig, name: str, labels, kw: dict, flops_kw: dict):
+    """One toca_fx configuration on ``model`` (transformed, measured, removed). A compiled configuration's FLOPs are
+    counted with the same configuration run eagerly (same graphs; compiled code cannot run under FlopCounterMode)."""
+    from .demo.evaluate import count_flops, measure
+
+    toca_fx.transform(model, config)
+    try:
+        run = measure(model, labels, name, flops=not config.compile, **kw)
+        run.info.update(config=config.to_dict(), stats_flops_ratio=toca_fx.stats(model).flops_ratio)
+    finally:
+        toca_fx.remove(model)
+    if config.compile:
+        toca_fx.transform(model, config.replace(compile=False))
+        try:
+            run.flops = count_flops(model, labels, **flops_kw)
+        finally:
+            toca_fx.remove(model)
+    return run
+
+
 def cmd_demo(args) -> int:
     """Uncached vs ``--preset`` vs FORA on the bundled digit DiT: same labels, same noise, same scheduler."""
     quick = dict(steps=25, images=20) if args.quick else dict(steps=50, images=100)
@@ -122,7 +142,7 @@ def cmd_demo(args) -> int:
     out = _out_dir(args.out)
 
     from . import demo
-    from .demo.evaluate import compare, format_table, machine_info, measure, save_grid
+    from .demo.evaluate import compare, count_flops, format_table, machine_info, measure, save_grid
 
     if args.guidance is None:
         args.guidance = demo.DEFAULT_GUIDANCE
@@ -130,39 +150,31 @@ def cmd_demo(args) -> int:
     model = demo.load_model(device=args.device)
     classifier = demo.load_classifier(device=args.device)
     labels = torch.arange(args.images) % demo.NUM_CLASSES
-    kw = dict(num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance, repeats=args.repeats)
+    flops_kw = dict(num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance)
+    kw = dict(repeats=args.repeats, **flops_kw)
     print(f"{PROG} demo: bundled digit DiT ({model.config.num_layers} blocks, 64 tokens), {args.images} images "
           f"(x2 for CFG, guidance {args.guidance}), DDIM {args.steps} steps, seed {args.seed}, device {args.device}"
           f"{', torch.compile' if args.compile else ''}", flush=True)
 
     # Uncached. With --compile its blocks are compiled too (a copy, so the toca_fx runs below get plain blocks).
-    reference_model = model
+    # FLOPs are always counted on the eager model (see count_flops).
     if args.compile:
         import copy
 
-        reference_model = copy.deepcopy(model)
-        for block in reference_model.transformer_blocks:
+        compiled = copy.deepcopy(model)
+        for block in compiled.transformer_blocks:
             block.compile()
-    runs = [measure(reference_model, labels, "uncached", **kw)]
-
-    toca_fx.transform(model, config)
-    try:
-        toca_run = measure(model, labels, args.preset, **kw)
-        toca_run.info.update(config=config.to_dict(), stats_flops_ratio=toca_fx.stats(model).flops_ratio)
-    finally:
-        toca_fx.remove(model)
-    ratio = runs[0].flops / toca_run.flops
+        uncached = measure(compiled, labels, "uncached", flops=False, **kw)
+        uncached.flops = count_flops(model, labels, **flops_kw)
+    else:
+        uncached = measure(model, labels, "uncached", **kw)
+    toca_run = _measure_toca(model, config, args.preset, labels, kw, flops_kw)
+    ratio = uncached.flops / toca_run.flops
     intervals = [args.fora_interval] if args.fora_interval else fora_intervals_for(ratio, args.steps)
+    runs = [uncached, toca_run]
     for interval in intervals:
         fora_config = ToCaConfig.preset("fora", interval=interval, compile=args.compile)
-        toca_fx.transform(model, fora_config)
-        try:
-            fora_run = measure(model, labels, f"fora N={interval}", **kw)
-            fora_run.info.update(config=fora_config.to_dict(), stats_flops_ratio=toca_fx.stats(model).flops_ratio)
-        finally:
-            toca_fx.remove(model)
-        runs.append(fora_run)
-    runs.insert(1, toca_run)
+        runs.append(_measure_toca(model, fora_config, f"fora N={interval}", labels, kw, flops_kw))
 
     rows = compare(runs, labels, classifier)
     fora = fora_at(rows[1]["flops_ratio"], rows[2:])
@@ -204,6 +216,7 @@ def cmd_bench(args) -> int:
                          f"(run it from a source checkout: pip install -e .)")
     spec = importlib.util.spec_from_file_location("toca_fx_bench", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module      # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.main(args.bench_args)
 

@@ -59,18 +59,35 @@ def _sync(model) -> None:
         torch.cuda.synchronize(p.device)
 
 
-def measure(model, labels: torch.Tensor, name: str, *, num_steps: int, seed: int, guidance_scale: float,
-            repeats: int = 1, before_run: Callable[[], Any] | None = None, progress: bool = True) -> Run:
-    """Warm up, time ``repeats`` sampling loops, count FLOPs of one more. ``before_run`` is called before
-    each loop (e.g. to reset a third-party cache); a toca_fx-transformed model needs nothing (``sample``
-    opens one generation per loop)."""
+def count_flops(model, labels: torch.Tensor, *, num_steps: int, seed: int, guidance_scale: float,
+                before_run: Callable[[], Any] | None = None, progress: str | None = None) -> int:
+    """FLOPs of one sampling loop: the whole model, every op torch dispatches, by ``FlopCounterMode``.
+
+    Count on an eager model: torch.compile does not run compiled code under a dispatch mode (toca_fx's
+    ``compile=True`` variants, compiled with ``fullgraph=True``, raise), and the graphs are the same."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    if before_run is not None:
+        before_run()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        sample(model, labels, num_steps=num_steps, seed=seed, guidance_scale=guidance_scale, progress=progress)
+    return counter.get_total_flops()
+
+
+def measure(model, labels: torch.Tensor, name: str, *, num_steps: int, seed: int, guidance_scale: float,
+            repeats: int = 1, before_run: Callable[[], Any] | None = None, progress: bool = True,
+            flops: bool = True) -> Run:
+    """Warm up, time ``repeats`` sampling loops, count FLOPs of one more (``flops=False``: leave ``Run.flops`` 0
+    for the caller to fill with ``count_flops`` on an eager twin). ``before_run`` is called before each loop (e.g.
+    to reset a third-party cache); a toca_fx-transformed model needs nothing (``sample`` opens one generation per
+    loop)."""
+    kw = dict(num_steps=num_steps, seed=seed, guidance_scale=guidance_scale)
 
     def run(tag: str) -> torch.Tensor:
         if before_run is not None:
             before_run()
-        return sample(model, labels, num_steps=num_steps, seed=seed, guidance_scale=guidance_scale,
-                      progress=f"{name}: {tag}" if progress else None)
+        return sample(model, labels, progress=f"{name}: {tag}" if progress else None, **kw)
 
     images = run("warm-up")
     times, deterministic = [], True
@@ -81,11 +98,9 @@ def measure(model, labels: torch.Tensor, name: str, *, num_steps: int, seed: int
         _sync(model)
         times.append(time.perf_counter() - t0)
         deterministic = deterministic and torch.equal(again, images)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run("counting FLOPs")
-    return Run(name=name, images=images, flops=counter.get_total_flops(), wall_times=times,
-               info=dict(repeatable=deterministic))
+    n_flops = count_flops(model, labels, before_run=before_run, progress=f"{name}: counting FLOPs" if progress else None,
+                          **kw) if flops else 0
+    return Run(name=name, images=images, flops=n_flops, wall_times=times, info=dict(repeatable=deterministic))
 
 
 def compare(runs: list[Run], labels: torch.Tensor, classifier=None) -> list[dict]:
