@@ -113,6 +113,9 @@ def toca_methods(quick: bool) -> list[Method]:
     for n, r in ((3, 0.2), (4, 0.1), (3, 0.5)):
         out.append(toca_method(f"toca N={n} r0={r} partial attn", "toca_fx ToCa (N, r0 sweep)",
                                toca_fx.ToCaConfig(interval=n, fresh_ratio=r, self_attention="partial")))
+    for n, r in ((3, 0.1), (3, 0.2), (3, 0.3), (4, 0.3)):
+        out.append(toca_method(f"toca N={n} r0={r} partial-kv", "toca_fx ToCa partial-kv",
+                               toca_fx.ToCaConfig(interval=n, fresh_ratio=r, self_attention="partial-kv")))
     for n in (2, 3, 4, 5):
         out.append(toca_method(f"fora N={n}", "toca_fx FORA", P("fora", interval=n)))
     base = P("toca-digits")
@@ -369,6 +372,7 @@ FAMILY_STYLE = {
     "uncached": ("*", "black"),
     "toca_fx ToCa (presets)": ("o", "C3"),
     "toca_fx ToCa (N, r0 sweep)": ("o", "C1"),
+    "toca_fx ToCa partial-kv": ("d", "C1"),
     "toca_fx FORA": ("s", "C0"),
     "toca_fx scores": ("P", "C5"),
     "toca_fx N=1": ("+", "gray"),

@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/speed.py --shape dit-xl --steps 50 [--layers 28] [--device cpu|cuda]
-         [--dtype float32|bfloat16] [--compile] [--repeats 3] [--json out.json]
+         [--dtype float32|bfloat16] [--compile] [--repeats 3] [--threads 1] [--memory] [--json out.json]
 
 Shapes (random weights; speed does not depend on the weights):
   dit-xl     DiT-XL/2: 28 blocks, width 1152, 16 heads, 32x32 latent, patch 2 (256 tokens), batch 2 (CFG),
@@ -14,12 +14,25 @@ For each configuration: one warm-up generation (compilation included, timed sepa
 median of --repeats generations; FLOPs of one generation with FlopCounterMode; the wall ratio
 and how close it comes to the FLOPs ratio; the time split of one partial call (select / gather /
 scatter vs everything else) from torch.profiler; the transform time (capture + analysis + rewrite).
+
+--compile compiles both models the same way, region by region: every block of the original's
+block lists (the lists toca_fx found) gets `Module.compile()` (dynamo + inductor, default
+options), and toca_fx (ToCaConfig(compile=True)) compiles each variant graph of each block class
+with fullgraph=True and bucketed k; everything outside the blocks stays eager in both. FLOPs of a
+compiled run: the original's from FlopCounterMode on one eager model call times the number of
+calls (every call has the same shapes), toca_fx's from its stats() (FlopCounterMode on fake
+tensors of the variant graphs; compiled code cannot run under FlopCounterMode).
+
+--memory (CPU) measures the peak tensor memory of one generation, original vs toca_fx, with
+torch.profiler's memory events (see `cpu_peak_memory`), and checks the issue's bound
+peak_toca <= peak_original + cache bytes + 10 % of peak_original.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -104,8 +117,16 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--preset")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (and inductor's compile threads)")
+    ap.add_argument("--memory", action="store_true",
+                    help="CPU: also measure peak tensor memory of one generation (torch.profiler memory events)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if args.compile:
+            import torch._inductor.config as inductor_config
+            inductor_config.compile_threads = args.threads
     shape = SHAPES[args.shape]
     layers = args.layers or shape["layers"]
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
@@ -114,8 +135,6 @@ def main(argv=None):
 
     original = build(shape, layers, args.device, dtype)
     cached = copy.deepcopy(original)
-    if args.compile:
-        original = torch.compile(original)
     toca_fx.transform(cached, preset, compile=args.compile)
 
     def gen_cached():
@@ -125,25 +144,47 @@ def main(argv=None):
     result = dict(shape=args.shape, layers=layers, steps=args.steps, device=args.device, dtype=str(dtype),
                   compile=args.compile, preset=preset, machine=machine(args.device), torch=torch.__version__)
     # FLOPs first (eager, so the counter sees the ATen ops)
-    with FlopCounterMode(display=False) as fc:
-        run(original if not args.compile else original._orig_mod)
-    f0 = fc.get_total_flops()
+    if not args.compile:
+        with FlopCounterMode(display=False) as fc:
+            run(original)
+        f0 = fc.get_total_flops()
+    else:
+        f0 = one_call_flops(original, shape, args.device, dtype) * args.steps
+    graphs = dynamo_graphs()
     warm_c, _ = timed(gen_cached, args.device)             # captures, analysis, rewrite (+ compile)
+    graphs_toca = dynamo_graphs() - graphs
     toca_fx.reset(cached, stats=True)
     if not args.compile:
         with FlopCounterMode(display=False) as fc:
             gen_cached()
         f1 = fc.get_total_flops()
-    else:
-        f1 = None
-    stats = toca_fx.stats(cached)
-    f1 = f1 if f1 is not None else stats.flops_actual + (f0 - stats.flops_original)
+        stats = toca_fx.stats(cached)
+        k_shapes = k_shapes_by_class(cached)
+    ctl = cached._toca_fx
+    if args.compile:
+        # the original's blocks, compiled region by region as toca_fx compiles its block graphs
+        compiled_blocks = 0
+        for bl in ctl.lists:
+            if not bl.rejected:
+                for block in original.get_submodule(bl.name):
+                    block.compile()
+                    compiled_blocks += 1
+        result.update(original_compiled_blocks=compiled_blocks)
+    graphs = dynamo_graphs()
     warm_o, _ = timed(lambda: run(original), args.device)
+    graphs_original = dynamo_graphs() - graphs
     t_orig, t_toca = [], []
+    graphs = dynamo_graphs()
     for _ in range(args.repeats):                          # interleaved: drifts hit both alike
         t_orig.append(timed(lambda: run(original), args.device)[0])
         t_toca.append(timed(gen_cached, args.device)[0])
-    ctl = cached._toca_fx
+    graphs_timed = dynamo_graphs() - graphs
+    if args.compile:
+        # stats of the timed generations (reset above), per generation: blocks-only FLOPs saved
+        stats = toca_fx.stats(cached)
+        f1 = f0 - (stats.flops_original - stats.flops_actual) / args.repeats
+        stats.calls = {k: v // args.repeats for k, v in stats.calls.items()}
+        k_shapes = k_shapes_by_class(cached)
     entries = [e for e in ctl.entries.values() if not e.failed]
     transform_s = sum(sum(v for k, v in e.seconds.items() if k in ("capture", "analysis", "rewrite")) for e in entries)
     flops_ratio = f0 / f1
@@ -155,15 +196,51 @@ def main(argv=None):
         warmup_seconds_original=warm_o, warmup_seconds_toca=warm_c, transform_seconds=transform_s,
         variants=sum(1 + len(e.partials) for e in entries), compiled_variants=sum(len(e.compiled) for e in entries),
         cache_bytes=toca_fx.stats(cached).cache_bytes, calls=dict(stats.calls),
+        flops_toca_blocks_ratio=stats.flops_ratio, k_shapes=k_shapes,
     )
+    if args.compile:
+        # dynamo graphs compiled (counters["stats"]["unique_graphs"]): in the warm-up generations, and
+        # during the timed ones (must be 0, or compilation was timed)
+        result.update(dynamo_graphs_toca=graphs_toca, dynamo_graphs_original=graphs_original,
+                      dynamo_graphs_during_timing=graphs_timed,
+                      compile_overhead_seconds_original=warm_o - statistics.median(t_orig),
+                      compile_overhead_seconds_toca=warm_c - statistics.median(t_toca))
     result["partial_call_profile"] = profile_overhead(cached, shape, args, dtype)
     if args.device == "cuda":
         result.update(peak_memory=peak_memory(original, gen_cached, run, args.device))
+    elif args.memory:
+        result.update(peak_memory=cpu_peak_memory(original, cached, gen_cached, run))
+    if "peak_memory" in result:
+        pm = result["peak_memory"]
+        pm["cache_bytes"] = cb = toca_fx.stats(cached).cache_bytes
+        pm["bound"] = pm["original"] + cb + 0.1 * pm["original"]
+        pm["within_bound"] = pm["toca"] <= pm["bound"]
     print(markdown([result]))
     prof = result["partial_call_profile"]
     print(f"\none partial call ({prof['partial_call_ms']:.1f} ms of self time): select {prof['select']:.2%}, "
           f"gather {prof['gather']:.2%}, scatter {prof['scatter']:.2%} "
           f"(together {prof['select+gather+scatter']:.2%})")
+    print(f"warm-up generation (capture / compilation included): original {warm_o:.1f} s, toca_fx {warm_c:.1f} s; "
+          f"variant graphs {result['variants']}, compiled {result['compiled_variants']}")
+    for cls, d in k_shapes.items():
+        print(f"  {cls}: {d['variants']} variant graph(s), {d['compiled']} compiled, "
+              f"{len(d['k'])} distinct k per partial call: {d['k']}")
+    if args.compile:
+        print(f"dynamo graphs compiled: toca_fx warm-up {graphs_toca}, original warm-up {graphs_original}, "
+              f"during the timed generations {graphs_timed}")
+    if "peak_memory" in result:
+        pm = result["peak_memory"]
+        mib = 2 ** 20
+        line = (f"peak tensor memory of one generation: original {pm['original'] / mib:.1f} MiB, "
+                f"toca_fx {pm['toca'] / mib:.1f} MiB, cache {pm['cache_bytes'] / mib:.1f} MiB; "
+                f"bound original + cache + 10% = {pm['bound'] / mib:.1f} MiB: "
+                f"{'within' if pm['within_bound'] else 'EXCEEDED'}")
+        if "above_weights" in pm:
+            aw = pm["above_weights"]
+            line += (f"\n  above the weights ({pm['weights'] / mib:.1f} MiB): original {aw['original'] / mib:.1f} MiB, "
+                     f"toca_fx {aw['toca'] / mib:.1f} MiB; bound {aw['bound'] / mib:.1f} MiB: "
+                     f"{'within' if aw['within_bound'] else 'EXCEEDED'}")
+        print(line)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))
@@ -183,16 +260,22 @@ def profile_overhead(cached, shape, args, dtype):
         emb = torch.randn(2, shape["text"], 64, generator=torch.Generator().manual_seed(2)).to(device, dtype)
         cond = dict(encoder_hidden_states=emb, encoder_attention_mask=torch.ones(2, shape["text"], device=device),
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    x = torch.cat([x[:1], x[:1]])         # both halves alike, as in the sampler: the same (CFG) variant
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     ctl = cached._toca_fx
-    with torch.no_grad(), toca_fx.generation(cached, num_steps=args.steps):
-        t0, t1 = sch.timesteps[:2]
-        cached(x, timestep=torch.full((2,), int(t0), device=device), **cond)          # fresh
-        sync(device)
-        with profile(activities=acts) as prof:
-            cached(x, timestep=torch.full((2,), int(t1), device=device), **cond)      # partial
-            sync(device)
-        assert ctl.calls["partial"] >= 1
+    t0, t1 = sch.timesteps[:2]
+    with torch.no_grad():
+        # the first pass warms up (a variant not met in the timed generations would compile here);
+        # the second profiles its partial call
+        for profiled in (False, True):
+            with toca_fx.generation(cached, num_steps=args.steps):
+                cached(x, timestep=torch.full((2,), int(t0), device=device), **cond)          # fresh
+                sync(device)
+                partial_before = ctl.calls["partial"]
+                with profile(activities=acts, profile_memory=False) as prof:
+                    cached(x, timestep=torch.full((2,), int(t1), device=device), **cond)      # partial
+                    sync(device)
+                assert ctl.calls["partial"] == partial_before + 1
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     rows = prof.key_averages()
     total = sum(getattr(r, key) for r in rows)
@@ -201,6 +284,95 @@ def profile_overhead(cached, shape, args, dtype):
     share["select+gather+scatter"] = sum(share.values())
     share["partial_call_ms"] = total / 1000.0
     return share
+
+
+def one_call_flops(model, shape, device, dtype):
+    """FLOPs of one (eager) model call with the sampler's shapes: every call of the original has the
+    same shapes, so a whole loop costs steps times this (the scheduler step has no matmul)."""
+    x = torch.zeros(2, 4, shape["sample"], shape["sample"], device=device, dtype=dtype)
+    if shape["kind"] == "dit":
+        cond = dict(class_labels=torch.tensor([1, 1000], device=device))
+    else:
+        cond = dict(encoder_hidden_states=torch.zeros(2, shape["text"], 64, device=device, dtype=dtype),
+                    encoder_attention_mask=torch.ones(2, shape["text"], device=device),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x, timestep=torch.full((2,), 999, device=device), **cond)
+    return fc.get_total_flops()
+
+
+def dynamo_graphs():
+    """Graphs dynamo has compiled so far in this process."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def k_shapes_by_class(cached):
+    """Per block class (and input signature): variant graphs, compiled ones, and the distinct k
+    tuples of its partial calls since the last stats reset (each a shape a compiled graph meets)."""
+    ctl = cached._toca_fx
+    out = {}
+    for key, e in ctl.entries.items():
+        if e.failed:
+            continue
+        ks = sorted({tuple(v for _, v in fk[3]) for fk in ctl.flop_log if fk[0] == key and fk[1] != "fresh"})
+        sites = sorted({s for fk in ctl.flop_log if fk[0] == key and fk[1] != "fresh" for s, _ in fk[3]})
+        name = e.cls_name if e.cls_name not in out else f"{e.cls_name}#{len(out)}"
+        out[name] = dict(variants=1 + len(e.partials), compiled=len(e.compiled), sites=sites, k=[list(k) for k in ks])
+    return out
+
+
+def cpu_peak_memory(original, cached, gen_cached, run):
+    """Peak tensor memory of one generation on CPU, original vs toca_fx, in bytes.
+
+    Measured with torch.profiler(profile_memory=True): every allocation and free made through c10's
+    CPU allocator while profiling (all tensors: op outputs, temporaries inside ops such as SDPA's
+    buffers, inductor's buffers, toca_fx's caches) is a "[memory]" event with +/- its byte count;
+    the running sum of the events in time order is the tensor memory allocated since the start, its
+    maximum the peak above what was alive before (frees of tensors allocated before profiling are
+    not reported, so nothing older can lower the sum). Allocator slack and Python objects are not
+    counted; RSS would mix them in with the allocator's caching and the weights' pages.
+
+    What is alive at the start (the weights; the inputs and the noise, the same for both) is added as
+    the bytes of the model's parameters and buffers. toca_fx's caches from an earlier generation are
+    freed first (toca_fx.reset), so the measured generation allocates its own caches and they are
+    part of its peak. The second figure, ``above_weights``, leaves the weights out: the same bound on
+    the activation memory alone, a much stricter test.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    def resident(m):
+        seen, n = set(), 0
+        for t in list(m.parameters()) + list(m.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                n += t.untyped_storage().nbytes()
+        return n
+
+    def peak(fn):
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+            del out
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU")
+        total = top = 0
+        for _, n in events:
+            total += n
+            top = max(top, total)
+        return top, total, len(events)
+
+    weights = resident(original)
+    p0, end0, n0 = peak(lambda: run(original))
+    toca_fx.reset(cached)                       # frees the previous generation's caches
+    toca_weights = resident(cached)             # the caches are gone: parameters only
+    p1, end1, n1 = peak(gen_cached)
+    cb = toca_fx.stats(cached).cache_bytes
+    return dict(original=weights + p0, toca=toca_weights + p1, weights=weights, toca_resident_at_start=toca_weights,
+                events=dict(original=n0, toca=n1), left_allocated=dict(original=end0, toca=end1),
+                method="torch.profiler profile_memory: running sum of CPU allocator events + parameter/buffer bytes",
+                above_weights=dict(original=p0, toca=p1, bound=p0 + cb + 0.1 * p0, within_bound=p1 <= p0 + cb + 0.1 * p0))
 
 
 def peak_memory(original, gen_cached, run, device):

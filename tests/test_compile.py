@@ -26,10 +26,11 @@ def _inputs(e, v, block, ks):
     return out
 
 
+@pytest.mark.parametrize("attention", ["partial", "partial-kv"])
 @pytest.mark.parametrize("make,sample", [(make_dit, sample_dit), (make_pixart, sample_pixart)], ids=["dit", "pixart"])
-def test_every_variant_is_one_graph_without_breaks(make, sample):
+def test_every_variant_is_one_graph_without_breaks(make, sample, attention):
     model = make(num_layers=2)
-    toca_fx.transform(model, interval=3, fresh_ratio=0.25, self_attention="partial")
+    toca_fx.transform(model, interval=3, fresh_ratio=0.25, self_attention=attention)
     sample(model, steps=4)
     ctl = model._toca_fx
     (e,) = ctl.entries.values()

@@ -9,10 +9,11 @@ import toca_fx
 from conftest import rel_err, sample_dit, sample_pixart
 
 EXACT = dict(interval=3, fresh_ratio=1.0, ratio_schedule="constant", self_attention="partial")
+EXACT_KV = dict(EXACT, self_attention="partial-kv")
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart"])
-@pytest.mark.parametrize("overrides", [dict(interval=1), EXACT], ids=["all-fresh", "all-tokens"])
+@pytest.mark.parametrize("overrides", [dict(interval=1), EXACT, EXACT_KV], ids=["all-fresh", "all-tokens", "all-tokens-kv"])
 def test_whole_sampling_loop_matches_original(family, overrides, dit_pair, pixart_pair):
     model, original = dit_pair if family == "dit" else pixart_pair
     sample = sample_dit if family == "dit" else sample_pixart

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -210,3 +212,73 @@ def test_transform_twice_raises():
     toca_fx.remove(model)
     with pytest.raises(toca_fx.ToCaError, match="not transformed"):
         toca_fx.remove(model)
+
+
+def test_partial_kv_variant_computes_every_projection_on_k_tokens():
+    """self_attention="partial-kv": q, k and v of the selected rows only; SDPA reads the key/value caches."""
+    model = make_dit(num_layers=2)
+    toca_fx.transform(model, self_attention="partial-kv")
+    _dit_call(model)
+    e = _entry(model)
+    att = e.analysis.site("self_attn0")
+    assert len(att.kv_values) == 2 and att.kv_reason is None
+    assert [s for r, s in e.fresh.extra_outputs if r == "value"] == ["self_attn0", "self_attn0__kv0",
+                                                                       "self_attn0__kv1", "mlp0"]
+    v = partial_variant(e, {"self_attn0": "partial_kv", "mlp0": "partial"}, True, model._toca_fx.config)
+    g = v.gm
+    sdpa = [n for n in g.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 1
+    # keys and values: the caches after the recomputed rows were scattered in
+    for arg, i in zip(sdpa[0].args[1:3], (0, 1)):
+        assert arg.target == aten.scatter_.src and arg.args[0].name == f"cache_self_attn0__kv{i}"
+    # every linear of the branches reads gathered rows (none runs on all tokens): q, k, v, out + 2 MLP
+    gathered, stack = set(), [n for n in g.graph.nodes if n.target == aten.gather.default]
+    while stack:
+        n = stack.pop()
+        if n not in gathered:
+            gathered.add(n)
+            stack.extend(n.users)
+    linears = [n for n in g.graph.nodes if n.target == aten.linear.default]
+    assert sum(n in gathered for n in linears) == 6 and len(linears) == 6 + 3   # + 3 conditioning linears
+    stream = [n for n in g.graph.nodes if n.op == "placeholder"][len(e.capture.lifted) + e.stream_index]
+    assert not any(n not in gathered and stream in n.all_input_nodes for n in linears)
+    assert _ops(g, aten.gather.default) == 2 and _ops(g, aten.scatter_.src) == 4
+    assert {r for r, _ in v.extra_inputs} == {"cache", "stale", "score", "k"}
+
+
+class _KeySideShared(nn.Module):
+    """Queries and keys from two norms; the key norm also feeds a second branch."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.nq, self.nk = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.kv, self.out, self.side = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d), nn.Linear(d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        b, n, d = x.shape
+        hq, hk = self.nq(x), self.nk(x)
+        q = self.q(hq).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(hk).view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.out(o.transpose(1, 2).reshape(b, n, d))
+        return x + self.side(hk)
+
+
+def test_partial_kv_refused_when_the_key_side_feeds_another_branch():
+    """Negative case: keys computed by a norm another branch also reads cannot be computed on k rows;
+    the site falls back to "partial" (queries on k rows, keys/values for all) and stays exact."""
+    torch.manual_seed(0)
+    net = Stack([_KeySideShared(), _KeySideShared()]).eval()
+    ref = copy.deepcopy(net)
+    toca_fx.transform(net, self_attention="partial-kv", interval=2, fresh_ratio=1.0)
+    xs = [torch.randn(2, 16, 32) for _ in range(3)]
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            assert torch.allclose(net(x, timestep=torch.tensor([3.0 - i])), ref(x, timestep=torch.tensor([3.0 - i])),
+                                  atol=1e-5)
+    sites = {s.name: s for s in toca_fx.explain(net).sites}
+    assert sites["self_attn0"].token_wise and sites["self_attn0"].kv.startswith("layer_norm")
+    assert "also read by" in sites["self_attn0"].kv and "partial-kv: no" in str(toca_fx.explain(net))
+    (e,) = net._toca_fx.entries.values()
+    assert {v.actions["self_attn0"] for v in e.partials.values()} == {"partial"}

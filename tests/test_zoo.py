@@ -12,6 +12,11 @@ import toca_fx
 from zoo import ZOO
 
 EXACT = dict(interval=2, fresh_ratio=1.0, ratio_schedule="constant", self_attention="partial")
+EXACT_KV = dict(EXACT, self_attention="partial-kv")
+# Self-attention sites whose keys/values "partial-kv" computes on k rows (the others say why not in explain).
+KV_SITES = {"dit": ["self_attn0"], "pixart-sigma": ["self_attn0"], "hunyuan-dit": ["self_attn0"], "latte": ["self_attn0"],
+            "flux": ["parallel0"], "auraflow": ["self_attn0"], "vit": ["self_attn0"], "sd3": [], "sd3.5-dual": [],
+            "cogvideox": [], "sana": [], "gpt2": []}
 
 # The sites found per block class (what the README's table says), in block order.
 EXPECTED = {
@@ -50,7 +55,7 @@ def zoo_model(request):
     return request.param, model.eval(), inputs
 
 
-@pytest.mark.parametrize("overrides", [dict(interval=1), EXACT], ids=["all-fresh", "all-tokens"])
+@pytest.mark.parametrize("overrides", [dict(interval=1), EXACT, EXACT_KV], ids=["all-fresh", "all-tokens", "all-tokens-kv"])
 def test_exact_over_consecutive_calls(zoo_model, overrides):
     name, model, inputs = zoo_model
     m = copy.deepcopy(model)
@@ -61,6 +66,10 @@ def test_exact_over_consecutive_calls(zoo_model, overrides):
     st = toca_fx.stats(m)
     if overrides.get("interval") == 2:
         assert st.calls == {"fresh": 2, "partial": 1}
+    if overrides.get("self_attention") == "partial-kv":
+        used = sorted({s for e in m._toca_fx.entries.values() for v in e.partials.values()
+                       for s, a in v.actions.items() if a == "partial_kv"})
+        assert used == KV_SITES[name]
 
 
 def test_explain_lists_block_lists_and_sites(zoo_model):

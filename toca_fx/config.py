@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 RATIO_SCHEDULES = ("constant", "toca-ddim50", "toca-ddpm250", "toca-pixart")
-SELF_ATTENTION_MODES = ("reuse", "partial")
+SELF_ATTENTION_MODES = ("reuse", "partial", "partial-kv")
 SCORES = ("toca", "v-norm", "k-norm", "random", "staleness")
 CACHE_DTYPES = (None, "float32", "bfloat16", "float16")
 
@@ -31,7 +31,9 @@ class ToCaConfig:
     """"constant" or one of ToCa's schedules ("toca-ddim50", "toca-ddpm250", "toca-pixart")."""
     self_attention: str = "reuse"
     """"reuse": reuse the whole self-attention output on partial steps (ToCa's default);
-    "partial": the selected tokens' queries attend over freshly computed keys/values of all tokens."""
+    "partial": the selected tokens' queries attend over freshly computed keys/values of all tokens;
+    "partial-kv": the selected tokens recompute query, key and value; they attend over the cached
+    keys/values of the other tokens (every projection on k tokens: the cost falls with k)."""
     score: str = "toca"
     """Token score: "toca" (s1/s2 + s3 + s4), "v-norm", "k-norm", "random", "staleness"."""
     compile: bool = False

@@ -20,6 +20,7 @@ class SiteReport:
     token_wise: bool
     reason: str | None
     probe: str
+    kv: str = "-"          # "yes": self_attention="partial-kv" can cache its keys/values; else why not
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Explanation:
                 lines.append(f"    {'site':<12} {'kind':<11} {'module':<14} {'axis':>4} {'tokens':>6}  cached  token-wise  note")
             for s in e.sites:
                 note = s.reason or (f"probe {s.probe}" if s.probe != "not run" else "")
+                if s.kv not in ("-", "yes"):
+                    note += ("; " if note else "") + f"partial-kv: no ({s.kv})"
                 lines.append(f"    {s.name:<12} {s.kind:<11} {s.module or '-':<14} {s.token_axis:>4} {s.tokens:>6}  "
                              f"{'yes' if s.cached else 'no':<6}  {'yes' if s.token_wise else 'no':<10}  {note}")
             for n in e.notes:
@@ -99,7 +102,8 @@ def build_explanation(ctl) -> Explanation:
         for s in e.sites:
             rep.sites.append(SiteReport(block_class=e.cls_name, name=s.name, kind=s.kind, module=s.module,
                                         token_axis=s.axes.token, tokens=s.n_tokens, cached=s.cacheable,
-                                        token_wise=s.local, reason=s.reason, probe=s.probe))
+                                        token_wise=s.local, reason=s.reason, probe=s.probe,
+                                        kv="yes" if s.kv_values else (s.kv_reason or "-")))
         entries.append(rep)
     return Explanation(lists=lists, entries=entries, notes=list(ctl.discovery_notes), config=ctl.config.to_dict())
 

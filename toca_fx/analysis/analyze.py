@@ -260,9 +260,61 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
     site.boundary = boundary
     site.region_axes = {n: axes[n] for n in region}
     site.local = True
+    if full:
+        _key_value_side(site, g, token_nodes, axes, infos, failed, all_nodes)
     if kind == "parallel":
         _split_parallel(g, site, region, token_nodes, axes, infos, all_nodes)
     return site
+
+
+def _key_value_side(site: Site, g, token_nodes: set, axes: dict, infos: dict, failed: dict, all_nodes: list) -> None:
+    """For ``self_attention="partial-kv"``: the whole branch on k tokens, keys/values from caches.
+
+    The attention's key/value inputs are cached (their token rows, like any branch output); on a
+    partial step the selected tokens recompute query, key and value, their key/value rows are
+    scattered into the caches, and the selected queries attend over the whole caches. So the key/value
+    side must be token-wise up to the attention, and the key/value inputs feed only the attention.
+    """
+    both = token_nodes - {site.stream_in}
+    bad = [n for n in both if n in failed or n not in axes]
+    if bad:
+        first = min(bad, key=all_nodes.index)
+        site.kv_reason = f"not token-wise: {failed.get(first, first.name + ' carries no token axis')}"
+        return
+    mixing = {m for n in both for m in infos[n].mixing_inputs}
+    for n in both:
+        outside = [u for u in n.users if u not in both] if n is not site.value else []
+        if outside:
+            site.kv_reason = f"{n.name} inside the branch is also read by {outside[0].name}"
+            return
+    for m in mixing:
+        ax = axes.get(m)
+        if m is site.stream_in or ax is None or ax.batch is None or ax.merged is not None:
+            site.kv_reason = f"key/value input {m.name} has no separate batch and token axes to cache rows by"
+            return
+        token_users = [u for u in m.users if u in both and m not in infos[u].mixing_inputs]
+        if token_users:
+            site.kv_reason = f"key/value input {m.name} is also read token-wise by {token_users[0].name}"
+            return
+        nested = [n for n in nx.ancestors(g, m) & both if infos[n].mixing_inputs]
+        if nested:
+            site.kv_reason = f"the key/value side mixes tokens itself at {nested[0].name}"
+            return
+    boundary: dict = {}
+    for n in both:
+        for a in n.all_input_nodes:
+            if a in token_nodes and a not in both:
+                boundary[a] = axes[a]
+        for ext in infos[n].external:
+            if ext.node in boundary and boundary[ext.node] != ext:
+                site.kv_reason = f"per-token input {ext.node.name} is read with two different layouts"
+                return
+            boundary[ext.node] = ext
+    site.kv_values = [n for n in all_nodes if n in mixing]
+    site.kv_region = [n for n in all_nodes if n in both]
+    site.kv_boundary = boundary
+    for n in both:
+        site.region_axes.setdefault(n, axes[n])
 
 
 def _split_parallel(g, site: Site, region: set, token_nodes: set, axes: dict, infos: dict, all_nodes: list) -> None:

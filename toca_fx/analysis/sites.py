@@ -37,6 +37,10 @@ class Site:
     attn_values: list = field(default_factory=list)   # parallel: attention outputs cached for partial steps
     mlp_region: list = field(default_factory=list)    # parallel: region without the attention side
     mlp_boundary: dict = field(default_factory=dict)  # parallel: its inputs (attn_values come from caches)
+    kv_values: list = field(default_factory=list)     # keys/values of the attention, cached for "partial-kv"
+    kv_region: list = field(default_factory=list)     # region + the key/value side, computed on k tokens
+    kv_boundary: dict = field(default_factory=dict)   # its inputs
+    kv_reason: str | None = None                      # why "partial-kv" is not possible
 
     @property
     def shape(self):
@@ -63,9 +67,12 @@ class BlockAnalysis:
         raise KeyError(name)
 
     def cached_node(self, name: str) -> fx.Node:
-        """The node a cache holds: a site's F (``"mlp0"``) or an attention value inside a
-        parallel site (``"parallel0__attn0"``)."""
+        """The node a cache holds: a site's F (``"mlp0"``), an attention value inside a parallel
+        site (``"parallel0__attn0"``) or an attention's key/value input (``"self_attn0__kv1"``)."""
         if "__attn" in name:
             site, i = name.split("__attn")
             return self.site(site).attn_values[int(i)]
+        if "__kv" in name:
+            site, i = name.split("__kv")
+            return self.site(site).kv_values[int(i)]
         return self.site(name).value

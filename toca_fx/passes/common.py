@@ -138,9 +138,14 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
 _SIZED_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
 
-def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node, region=None) -> fx.Node:
-    """Copy the site's region (computed on k tokens); returns the copy of F."""
+def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node, region=None,
+                            after: dict | None = None) -> fx.Node:
+    """Copy the site's region (computed on k tokens); returns the copy of F.
+
+    ``after[node](copy)`` may return what the region's later nodes read instead of ``node``'s
+    k-token copy (the key/value caches of ``partial-kv``, filled with the copy's rows)."""
     region = site.region if region is None else region
+    after = after or {}
     rmap: dict[fx.Node, fx.Node] = {}
 
     def m(a):
@@ -165,7 +170,7 @@ def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node, r
                 else:
                     sizes[ax.token] = k
                 c.args = (c.args[0], sizes) + tuple(c.args[2:])
-        rmap[src] = c
+        rmap[src] = after[n](c) if n in after else c
     b.bump("region_nodes", len(region))
     return rmap[b.env[site.value]]
 

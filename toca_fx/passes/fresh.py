@@ -28,8 +28,9 @@ def score_source(analysis: BlockAnalysis, score: str):
     return None, None
 
 
-def build_fresh(gm, analysis: BlockAnalysis, score: str) -> VariantGraph:
-    """Original graph + outputs: every cacheable site's F, then the score ingredient (if any).
+def build_fresh(gm, analysis: BlockAnalysis, score: str, kv: bool = False) -> VariantGraph:
+    """Original graph + outputs: every cacheable site's F (and, with ``kv``, the key/value inputs of
+    its attention, for ``self_attention="partial-kv"``), then the score ingredient (if any).
 
     Example::
 
@@ -43,6 +44,9 @@ def build_fresh(gm, analysis: BlockAnalysis, score: str) -> VariantGraph:
             b.add_output("value", s.name, b.env[s.value])
             for i, a in enumerate(s.attn_values):
                 b.add_output("value", f"{s.name}__attn{i}", b.env[a])
+            if kv and s.local:
+                for i, m in enumerate(s.kv_values):
+                    b.add_output("value", f"{s.name}__kv{i}", b.env[m])
             actions[s.name] = "fresh"
         else:
             actions[s.name] = "compute"

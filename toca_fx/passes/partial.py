@@ -3,7 +3,9 @@
 For a ``partial`` site: ``idx = toca_fx.select_tokens(score, stale, k)``; gather the boundary
 inputs of the site's token-local region on ``idx``; run the region on k tokens; scatter the rows
 into the site's cache; every reader of F reads the whole cache. Key/value projections of
-self-attention stay outside the region and run on all tokens (queries attend over every key).
+self-attention stay outside the region and run on all tokens (queries attend over every key),
+except for ``partial_kv``: the selected tokens recompute their keys/values too, which are
+scattered into key/value caches that the selected queries attend over.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
             fv.replace_all_uses_with(read)
             b.bump("reused_sites")
             continue
-        if act not in ("partial", "partial_mlp") or not s.local or (act == "partial_mlp" and not s.mlp_region):
+        if act not in ("partial", "partial_mlp", "partial_kv") or not s.local \
+                or (act == "partial_mlp" and not s.mlp_region) or (act == "partial_kv" and not s.kv_values):
             raise ValueError(f"site {s.name}: action {act!r} is not possible ({s.reason})")
         if s.stream not in score_ph:
             score_ph[s.stream] = b.add_input("score", str(s.stream), "score" if s.stream == 0 else f"score_s{s.stream}")
@@ -63,7 +66,8 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
             idx = b.call(torch.ops.toca_fx.select_tokens.default, score_ph[s.stream], stale, k,
                          float(stale_weight), float(inv_interval), float(bonus), int(grid), bool(cfg))
             batch = static_shape(s.stream_in)[0]
-            boundary, region = (s.mlp_boundary, s.mlp_region) if act == "partial_mlp" else (s.boundary, s.region)
+            boundary, region = {"partial_mlp": (s.mlp_boundary, s.mlp_region),
+                                "partial_kv": (s.kv_boundary, s.kv_region)}.get(act, (s.boundary, s.region))
             gathered = {b.env[n]: b.gather_external(b.env[n], idx, k, ax, static_shape(n), batch) if isinstance(ax, External)
                         else b.gather_tokens(b.env[n], idx, k, ax, static_shape(n))
                         for n, ax in boundary.items()}
@@ -76,7 +80,13 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
                         if cache_dtype is not None and cache_dtype != a.meta["val"].dtype:
                             rows = b.call(aten._to_copy.default, rows, dtype=a.meta["val"].dtype)
                         gathered[b.env[a]] = rows
-            f_k = copy_region_on_k_tokens(b, s, gathered, k, region)
+            after = {}
+            if act == "partial_kv":
+                for i, m in enumerate(s.kv_values):
+                    sub = b.add_input("cache", f"{s.name}__kv{i}", f"cache_{s.name}__kv{i}")
+                    after[m] = _scatter_rows(b, sub, idx, k, s.region_axes[m], static_shape(m),
+                                             m.meta["val"].dtype, cache_dtype)
+            f_k = copy_region_on_k_tokens(b, s, gathered, k, region, after)
             if cast:
                 f_k = b.call(aten._to_copy.default, f_k, dtype=cache_dtype)
             full = b.scatter_tokens_(cache, idx, k, s.region_axes[s.value], f_k, static_shape(s.value))
@@ -87,3 +97,15 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
             u.replace_input_with(fv, full)
         b.bump("partial_sites")
     return b.finish("ToCaPartial", actions)
+
+
+def _scatter_rows(b: GraphBuilder, cache, idx, k, ax, full_shape, dtype, cache_dtype):
+    """``rows -> whole tensor``: write the k recomputed rows of a key/value input into its cache
+    and read the cache back (every query attends over all keys)."""
+    def fill(rows):
+        cast = cache_dtype is not None and cache_dtype != dtype
+        if cast:
+            rows = b.call(aten._to_copy.default, rows, dtype=cache_dtype)
+        full = b.scatter_tokens_(cache, idx, k, ax, rows, full_shape)
+        return b.call(aten._to_copy.default, full, dtype=dtype) if cast else full
+    return fill

@@ -188,6 +188,9 @@ class BlockRuntime:
                 continue
             if k == 0:
                 actions[s.name] = "reuse"
+            elif cfg.self_attention == "partial-kv" and s.kv_values and s.local:
+                actions[s.name] = "partial_kv"
+                ks[s.name] = k
             elif not s.local:
                 actions[s.name] = "full"
             else:
@@ -224,7 +227,7 @@ class BlockRuntime:
             if act == "reuse":
                 st.stale[s.name].add_(1)
                 self._count(s.name, act, 0, s.n_tokens)
-            elif act in ("partial", "partial_mlp"):
+            elif act in ("partial", "partial_mlp", "partial_kv"):
                 self._count(s.name, "partial", ks[s.name], s.n_tokens)
             else:
                 self._count(s.name, act, s.n_tokens, s.n_tokens)

@@ -72,7 +72,7 @@ def build_entry(key, block, capture: Capture, config: ToCaConfig) -> Entry:
                     s.probe = "confirmed"
     e.seconds["analysis"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    e.fresh = build_fresh(capture.gm, res, config.score)
+    e.fresh = build_fresh(capture.gm, res, config.score, kv=config.self_attention == "partial-kv")
     what, site = score_source(res, config.score)
     e.score_role, e.score_site = what, (site.name if site is not None else None)
     if config.score in ("toca", "v-norm", "k-norm") and what is None:
