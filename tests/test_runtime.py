@@ -247,3 +247,39 @@ def test_cache_buffers_keep_their_addresses_across_steps():
             st = model._toca_fx.blocks[0].states.get(0)
             ptrs.append(tuple(v.data_ptr() for v in list(st.values.values()) + list(st.stale.values()) + [st.score]))
     assert len(set(ptrs)) == 1
+
+
+@pytest.mark.parametrize("loop", ["one-batch CFG", "two calls per step", "cache_context"])
+def test_accelerator_timestep_is_read_only_until_the_branch_pattern_is_known(loop, monkeypatch):
+    """On an accelerator, reading the timestep is a host sync. Inside an explicit generation
+    toca_fx reads it only on the first calls (to learn how many CFG branches a step has) and then
+    derives every decision from the call count: the same decisions and output as reading it always."""
+    from toca_fx.runtime import controller as controller_mod
+
+    def run(model, pretend_accelerator):
+        if pretend_accelerator:
+            monkeypatch.setattr(controller_mod, "host_read_is_free", lambda t: False)
+        try:
+            with toca_fx.generation(model, num_steps=9):
+                out = sample_dit(model, steps=9) if loop == "one-batch CFG" else \
+                    _separate_cfg(model, steps=9, context=loop == "cache_context")
+        finally:
+            monkeypatch.undo()
+        ctl = model._toca_fx
+        return out, dict(ctl.calls), {k: (b.step, b.last_fresh) for k, b in ctl.branches.items()}, ctl.timestep_reads
+
+    model = make_dit()
+    if loop == "cache_context":
+        from diffusers.models.cache_utils import CacheMixin
+
+        model.__class__ = type("DiTWithCacheContext", (CacheMixin, type(model)), {})
+    other = copy.deepcopy(model)
+    toca_fx.transform(model, interval=3, fresh_ratio=0.25)
+    toca_fx.transform(other, interval=3, fresh_ratio=0.25)
+    out, calls, branches, reads = run(model, pretend_accelerator=False)
+    out2, calls2, branches2, reads2 = run(other, pretend_accelerator=True)
+    n_calls = 9 if loop == "one-batch CFG" else 18
+    assert reads == n_calls                                   # on the CPU every call reads it (free)
+    assert reads2 == {"one-batch CFG": 2, "two calls per step": 3, "cache_context": 0}[loop]
+    assert calls2 == calls and branches2 == branches
+    assert torch.equal(out2, out)

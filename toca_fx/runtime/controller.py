@@ -36,6 +36,11 @@ class CallInfo:
     progress: float | None
 
 
+def host_read_is_free(t: torch.Tensor) -> bool:
+    """Reading a CPU tensor's value does not wait for an accelerator."""
+    return t.device.type in ("cpu", "meta")
+
+
 def _shape_signature(args, kwargs) -> tuple:
     flat, spec = pytree.tree_flatten((args, kwargs))
     return (str(spec), tuple((tuple(x.shape), x.dtype) for x in flat if isinstance(x, torch.Tensor)))
@@ -53,6 +58,7 @@ class Controller:
         self.flop_log: Counter = Counter()
         self.calls = Counter()
         self.generations = 0               # generations that made at least one call
+        self.timestep_reads = 0            # timestep tensors read on the host (a sync on accelerators)
         self._first_call_checked = False
         self.new_generation(None)
 
@@ -63,6 +69,7 @@ class Controller:
         self.branches: dict[Any, BranchCounter] = {}
         self.last_t = None
         self.branch_idx = 0
+        self._pattern: int | None = None       # calls per step (CFG branches), once seen
         self.cfg: bool | None = None
         for b in self.blocks:
             b.clear()
@@ -78,17 +85,30 @@ class Controller:
                 b.reset_stats()
 
     # -- per model call --------------------------------------------------------------------
-    def _timestep(self, args, kwargs) -> float | None:
+    def _timestep_arg(self, kwargs):
         keys = (self.config.timestep_arg,) if self.config.timestep_arg else _TIMESTEP_KEYS
         for k in keys:
             t = kwargs.get(k)
-            if t is None:
-                continue
-            if isinstance(t, torch.Tensor):
-                return float(t.reshape(-1)[0]) if t.numel() else None
-            if isinstance(t, (int, float)):
-                return float(t)
+            if t is not None:
+                return t
         return None
+
+    def _timestep(self, t) -> float | None:
+        if isinstance(t, torch.Tensor):
+            if not t.numel():
+                return None
+            self.timestep_reads += 1
+            return float(t.reshape(-1)[0])
+        if isinstance(t, (int, float)):
+            return float(t)
+        return None
+
+    def _can_skip_timestep(self, t) -> bool:
+        """Inside an explicit generation (a pipeline call or ``generation()``) whose branch pattern
+        is known, the timestep adds nothing; reading it from an accelerator would be a host sync on
+        every call, so it is not read there (reading a CPU tensor costs nothing and is kept)."""
+        return (self._keep_steps and isinstance(t, torch.Tensor) and not host_read_is_free(t)
+                and (self.context_name is not None or self._pattern is not None))
 
     def begin_call(self, args, kwargs) -> None:
         sig = _shape_signature(args, kwargs)
@@ -96,7 +116,11 @@ class Controller:
             log.info("toca_fx: input shapes changed: new generation")
             self.new_generation(None)
         self.signature = sig
-        t = self._timestep(args, kwargs)
+        t_arg = self._timestep_arg(kwargs)
+        if self._can_skip_timestep(t_arg):
+            self._begin_known_pattern(sig)
+            return
+        t = self._timestep(t_arg)
         if self.context_name is not None:
             key = self.context_name
             br = self.branches.get(key)
@@ -111,6 +135,8 @@ class Controller:
                 self.signature = sig
                 self.branch_idx = 0
             else:
+                if self.last_t is not None and self._pattern is None:
+                    self._pattern = len(self.branches)       # a new timestep: every branch has been seen
                 self.branch_idx = 0
             key = self.branch_idx
         else:
@@ -119,6 +145,18 @@ class Controller:
         if t is not None:
             br.seen_t.add(t)
         self.last_t = t
+        self._decide(key, br)
+
+    def _begin_known_pattern(self, sig) -> None:
+        """A call whose branch follows from the call count (or from diffusers' cache context)."""
+        if self.context_name is not None:
+            key = self.context_name
+        else:
+            self.branch_idx = (self.branch_idx + 1) % self._pattern
+            key = self.branch_idx
+        self._decide(key, self.branches.setdefault(key, BranchCounter()))
+
+    def _decide(self, key, br: BranchCounter) -> None:
         progress = None
         if self.num_steps:
             progress = min(br.step / self.num_steps, 1.0)
