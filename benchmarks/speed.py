@@ -197,6 +197,7 @@ def main(argv=None):
         variants=sum(1 + len(e.partials) for e in entries), compiled_variants=sum(len(e.compiled) for e in entries),
         cache_bytes=toca_fx.stats(cached).cache_bytes, calls=dict(stats.calls),
         flops_toca_blocks_ratio=stats.flops_ratio, k_shapes=k_shapes,
+        seconds_original_all=t_orig, seconds_toca_all=t_toca,
     )
     if args.compile:
         # dynamo graphs compiled (counters["stats"]["unique_graphs"]): in the warm-up generations, and
