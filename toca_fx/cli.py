@@ -188,6 +188,8 @@ def cmd_demo(args) -> int:
           f"1797 real digits in the classifier's feature space ({args.images} samples; compare at equal counts).")
     for name, ok in checks.items():
         print(f"  [{'x' if ok else ' '}] {name}")
+    print("  (on this model the Frechet distance falls with any approximation and varies more between draws of real "
+          "digits than between methods; BENCHMARKS.md has the full comparison)")
 
     grid_path, json_path = out / "demo_grid.png", out / "demo.json"
     titles = [f"{r['name']}: {r['flops_ratio']:.2f}x FLOPs" + ("" if r["psnr"] is None else f", PSNR {r['psnr']:.1f} dB")
