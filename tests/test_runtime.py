@@ -211,14 +211,16 @@ def test_resolution_change_recaptures_and_stays_exact():
     assert ctl.generations == 3                       # each resolution change starts a generation
 
 
-def test_cache_dtype_bf16_close_and_stored_in_bf16():
+@pytest.mark.parametrize("attention", ["reuse", "partial-kv"])
+def test_cache_dtype_bf16_close_and_stored_in_bf16(attention):
     model = make_dit()
     ref_model = copy.deepcopy(model)
-    toca_fx.transform(ref_model, interval=3, fresh_ratio=0.3)
-    toca_fx.transform(model, interval=3, fresh_ratio=0.3, cache_dtype="bfloat16")
+    toca_fx.transform(ref_model, interval=3, fresh_ratio=0.3, self_attention=attention)
+    toca_fx.transform(model, interval=3, fresh_ratio=0.3, cache_dtype="bfloat16", self_attention=attention)
     a, b = sample_dit(model, steps=6), sample_dit(ref_model, steps=6)
     st = model._toca_fx.blocks[0].states.get(0)
     assert all(v.dtype == torch.bfloat16 for v in st.values.values())
+    assert any("__kv" in name for name in st.values) == (attention == "partial-kv")   # key/value caches too
     assert 0 < rel_err(a, b) < 0.05                 # bf16 caches: a small, measured difference
     assert toca_fx.stats(model).cache_bytes < toca_fx.stats(ref_model).cache_bytes
 
