@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import re
+import statistics
 import sys
 import time
 import traceback
@@ -331,8 +332,7 @@ def run(args) -> dict:
     base.wall_times = first + again.wall_times
     rows = compare(runs, labels, classifier)
     return dict(uncached_wall_s=dict(first=first, last=again.wall_times,
-                                     drift=sorted(again.wall_times)[len(again.wall_times) // 2]
-                                     / sorted(first)[len(first) // 2] - 1.0),
+                                     drift=statistics.median(again.wall_times) / statistics.median(first) - 1.0),
                 settings=dict(steps=args.steps, images=args.images, seed=args.seed, guidance=args.guidance,
                               repeats=args.repeats, threads=args.threads, quick=args.quick, only=args.only),
                 machine=machine_info(), seconds=time.perf_counter() - t0,

@@ -69,10 +69,10 @@ def build(shape, layers, device, dtype):
     return m.eval().to(device=device, dtype=dtype)
 
 
-def sampler(shape, steps, device, dtype):
-    """A sampling loop with CFG in one batch (as DiTPipeline / PixArtAlphaPipeline), fixed noise."""
-    sch = diffusers.DDIMScheduler(num_train_timesteps=1000)
-    g = torch.Generator().manual_seed(0)
+def inputs(shape, device, dtype, seed=0):
+    """Noise for one image (the CFG batch doubles it) and the conditioning of a CFG batch of 2:
+    class 1 and the null class (DiT), or a random caption and an empty one (PixArt)."""
+    g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(1, 4, shape["sample"], shape["sample"], generator=g).to(device, dtype)
     if shape["kind"] == "dit":
         cond = dict(class_labels=torch.tensor([1, 1000], device=device))
@@ -81,6 +81,13 @@ def sampler(shape, steps, device, dtype):
         cond = dict(encoder_hidden_states=torch.cat([emb, torch.zeros_like(emb)]),
                     encoder_attention_mask=torch.ones(2, shape["text"], device=device),
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return x0, cond
+
+
+def sampler(shape, steps, device, dtype):
+    """A sampling loop with CFG in one batch (as DiTPipeline / PixArtAlphaPipeline), fixed noise."""
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    x0, cond = inputs(shape, device, dtype)
 
     def run(model):
         sch.set_timesteps(steps)
@@ -254,14 +261,8 @@ def profile_overhead(cached, shape, args, dtype):
     device = args.device
     sch = diffusers.DDIMScheduler(num_train_timesteps=1000)
     sch.set_timesteps(args.steps)
-    x = torch.randn(2, 4, shape["sample"], shape["sample"], generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    if shape["kind"] == "dit":
-        cond = dict(class_labels=torch.tensor([1, 1000], device=device))
-    else:
-        emb = torch.randn(2, shape["text"], 64, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-        cond = dict(encoder_hidden_states=emb, encoder_attention_mask=torch.ones(2, shape["text"], device=device),
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    x = torch.cat([x[:1], x[:1]])         # both halves alike, as in the sampler: the same (CFG) variant
+    x, cond = inputs(shape, device, dtype, seed=1)
+    x = torch.cat([x, x])                 # both halves alike, as in the sampler: the same (CFG) variant
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     ctl = cached._toca_fx
     t0, t1 = sch.timesteps[:2]
@@ -290,13 +291,8 @@ def profile_overhead(cached, shape, args, dtype):
 def one_call_flops(model, shape, device, dtype):
     """FLOPs of one (eager) model call with the sampler's shapes: every call of the original has the
     same shapes, so a whole loop costs steps times this (the scheduler step has no matmul)."""
-    x = torch.zeros(2, 4, shape["sample"], shape["sample"], device=device, dtype=dtype)
-    if shape["kind"] == "dit":
-        cond = dict(class_labels=torch.tensor([1, 1000], device=device))
-    else:
-        cond = dict(encoder_hidden_states=torch.zeros(2, shape["text"], 64, device=device, dtype=dtype),
-                    encoder_attention_mask=torch.ones(2, shape["text"], device=device),
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    x, cond = inputs(shape, device, dtype)
+    x = torch.cat([x, x])
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(x, timestep=torch.full((2,), 999, device=device), **cond)
     return fc.get_total_flops()

@@ -234,28 +234,10 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
     region -= full_closure
     # an item of a multi-output node computed for all tokens is itself a boundary (lists cannot be gathered)
     region -= {n for n in region if n.target is operator.getitem and n.args[0] not in region}
-    bad = [n for n in region if n in failed or n not in axes]
-    if bad:
-        first = min(bad, key=all_nodes.index)
-        site.reason = f"not token-local: {failed.get(first, first.name + ' carries no token axis')}"
+    boundary, why = _region_inputs(region, value, token_nodes, axes, infos, failed, all_nodes)
+    if why:
+        site.reason = why
         return site
-    for n in region:
-        if n is value:
-            continue
-        out_users = [u for u in n.users if u not in region]
-        if out_users:
-            site.reason = f"{n.name} inside the branch is also read by {out_users[0].name}"
-            return site
-    boundary: dict = {}
-    for n in region:
-        for a in n.all_input_nodes:
-            if a in token_nodes and a not in region and a not in infos[n].mixing_inputs:
-                boundary[a] = axes[a]
-        for ext in infos[n].external:
-            if ext.node in boundary and boundary[ext.node] != ext:
-                site.reason = f"per-token input {ext.node.name} is read with two different layouts"
-                return site
-            boundary[ext.node] = ext
     site.region = [n for n in all_nodes if n in region]
     site.boundary = boundary
     site.region_axes = {n: axes[n] for n in region}
@@ -267,6 +249,29 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
     return site
 
 
+def _region_inputs(nodes: set, value: fx.Node, token_nodes: set, axes: dict, infos: dict, failed: dict,
+                   all_nodes: list) -> tuple[dict | None, str | None]:
+    """Can ``nodes`` run on k tokens? (their boundary: token-carrying inputs to gather, None) or (None, why)."""
+    bad = [n for n in nodes if n in failed or n not in axes]
+    if bad:
+        first = min(bad, key=all_nodes.index)
+        return None, f"not token-local: {failed.get(first, first.name + ' carries no token axis')}"
+    for n in nodes:
+        outside = [u for u in n.users if u not in nodes] if n is not value else []
+        if outside:
+            return None, f"{n.name} inside the branch is also read by {outside[0].name}"
+    boundary: dict = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in token_nodes and a not in nodes and a not in infos[n].mixing_inputs:
+                boundary[a] = axes[a]
+        for ext in infos[n].external:
+            if ext.node in boundary and boundary[ext.node] != ext:
+                return None, f"per-token input {ext.node.name} is read with two different layouts"
+            boundary[ext.node] = ext
+    return boundary, None
+
+
 def _key_value_side(site: Site, g, token_nodes: set, axes: dict, infos: dict, failed: dict, all_nodes: list) -> None:
     """For ``self_attention="partial-kv"``: the whole branch on k tokens, keys/values from caches.
 
@@ -276,17 +281,11 @@ def _key_value_side(site: Site, g, token_nodes: set, axes: dict, infos: dict, fa
     side must be token-wise up to the attention, and the key/value inputs feed only the attention.
     """
     both = token_nodes - {site.stream_in}
-    bad = [n for n in both if n in failed or n not in axes]
-    if bad:
-        first = min(bad, key=all_nodes.index)
-        site.kv_reason = f"not token-wise: {failed.get(first, first.name + ' carries no token axis')}"
+    boundary, why = _region_inputs(both, site.value, token_nodes, axes, infos, failed, all_nodes)
+    if why:
+        site.kv_reason = why
         return
     mixing = {m for n in both for m in infos[n].mixing_inputs}
-    for n in both:
-        outside = [u for u in n.users if u not in both] if n is not site.value else []
-        if outside:
-            site.kv_reason = f"{n.name} inside the branch is also read by {outside[0].name}"
-            return
     for m in mixing:
         ax = axes.get(m)
         if m is site.stream_in or ax is None or ax.batch is None or ax.merged is not None:
@@ -300,16 +299,6 @@ def _key_value_side(site: Site, g, token_nodes: set, axes: dict, infos: dict, fa
         if nested:
             site.kv_reason = f"the key/value side mixes tokens itself at {nested[0].name}"
             return
-    boundary: dict = {}
-    for n in both:
-        for a in n.all_input_nodes:
-            if a in token_nodes and a not in both:
-                boundary[a] = axes[a]
-        for ext in infos[n].external:
-            if ext.node in boundary and boundary[ext.node] != ext:
-                site.kv_reason = f"per-token input {ext.node.name} is read with two different layouts"
-                return
-            boundary[ext.node] = ext
     site.kv_values = [n for n in all_nodes if n in mixing]
     site.kv_region = [n for n in all_nodes if n in both]
     site.kv_boundary = boundary

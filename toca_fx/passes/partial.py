@@ -87,11 +87,8 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
                     after[m] = _scatter_rows(b, sub, idx, k, s.region_axes[m], static_shape(m),
                                              m.meta["val"].dtype, cache_dtype)
             f_k = copy_region_on_k_tokens(b, s, gathered, k, region, after)
-            if cast:
-                f_k = b.call(aten._to_copy.default, f_k, dtype=cache_dtype)
-            full = b.scatter_tokens_(cache, idx, k, s.region_axes[s.value], f_k, static_shape(s.value))
-            if cast:
-                full = b.call(aten._to_copy.default, full, dtype=f_dtype)
+            full = _scatter_rows(b, cache, idx, k, s.region_axes[s.value], static_shape(s.value), f_dtype,
+                                 cache_dtype)(f_k)
         users = [u for u in fv.users]
         for u in users:
             u.replace_input_with(fv, full)
@@ -100,8 +97,8 @@ def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: 
 
 
 def _scatter_rows(b: GraphBuilder, cache, idx, k, ax, full_shape, dtype, cache_dtype):
-    """``rows -> whole tensor``: write the k recomputed rows of a key/value input into its cache
-    and read the cache back (every query attends over all keys)."""
+    """``rows -> whole tensor``: write k recomputed rows into a cache (F's, or a key/value input's)
+    and read the whole cache back in the graph's dtype (casting when the cache is stored in another)."""
     def fill(rows):
         cast = cache_dtype is not None and cache_dtype != dtype
         if cast:

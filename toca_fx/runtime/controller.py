@@ -118,7 +118,7 @@ class Controller:
         self.signature = sig
         t_arg = self._timestep_arg(kwargs)
         if self._can_skip_timestep(t_arg):
-            self._begin_known_pattern(sig)
+            self._begin_known_pattern()
             return
         t = self._timestep(t_arg)
         if self.context_name is not None:
@@ -147,7 +147,7 @@ class Controller:
         self.last_t = t
         self._decide(key, br)
 
-    def _begin_known_pattern(self, sig) -> None:
+    def _begin_known_pattern(self) -> None:
         """A call whose branch follows from the call count (or from diffusers' cache context)."""
         if self.context_name is not None:
             key = self.context_name
