@@ -37,6 +37,32 @@ def test_weights_ship_in_the_package_and_load_with_from_pretrained(model):
     assert clf.features(torch.zeros(2, 1, 16, 16)).shape == (2, clf.config["feature_dim"])
 
 
+def test_canvas_variant_data_classifier_and_sampling():
+    """``train.py --canvas 32 --patch 4`` (the background experiment in BENCHMARKS.md): digits centred on the
+    canvas, the real set shifted as in training, a classifier for the size, samples at the model's size."""
+    from diffusers import DiTTransformer2DModel
+
+    from toca_fx.demo.model import dit_config, load_digits_tensor, max_shift
+
+    x16, y = load_digits_tensor()
+    x32, y32 = load_digits_tensor(32)
+    assert x32.shape == (1797, 1, 32, 32) and torch.equal(y, y32)
+    assert torch.equal(x32[..., 8:24, 8:24], x16)                         # the same digits, centred
+    assert (x32[..., :8, :] == -1).all() and (x32[..., :, 24:] == -1).all()
+    assert max_shift(16) == 1 and max_shift(32) == 4
+    real, _ = demo.real_digits(32)
+    assert real.shape == (1797, 1, 32, 32) and not torch.equal(real, (x32 + 1) / 2)   # shifted
+    assert torch.equal(demo.real_digits()[0], (x16 + 1) / 2)             # the bundled model's set: as is
+    clf = demo.DigitClassifier(image_size=32)
+    assert clf.features(torch.zeros(2, 1, 32, 32)).shape == (2, clf.config["feature_dim"])
+    torch.manual_seed(0)
+    tiny = DiTTransformer2DModel(**dict(dit_config(32, 4), num_layers=1, num_attention_heads=2,
+                                        attention_head_dim=8)).eval()
+    assert demo.sample(tiny, [1, 2], num_steps=2).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="smaller than"):
+        load_digits_tensor(8)
+
+
 def test_sample_is_deterministic_for_a_seed(model):
     a = demo.sample(model, [3, 7], num_steps=4, seed=5)
     b = demo.sample(model, torch.tensor([3, 7]), num_steps=4, seed=5)

@@ -125,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toca-dit-ddpm250": dict(interval=4, fresh_ratio=0.07, ratio_schedule="toca-ddpm250", score="toca"),
     # ToCa, PixArt-alpha, 20 DPM-Solver++ steps: N=3, R=70% (r0=0.30).
     "toca-pixart": dict(interval=3, fresh_ratio=0.30, ratio_schedule="toca-pixart", score="toca"),
-    # The bundled digit DiT (toca_fx.demo: 8 blocks, 64 tokens on an 8x8 grid), DDIM 50 steps with CFG.
+    # The bundled digit DiT (toca_fx.demo: 6 blocks, 64 tokens on an 8x8 grid), DDIM 50 steps with CFG.
     "toca-digits": dict(interval=3, fresh_ratio=0.1, ratio_schedule="constant", score="toca"),
     # FORA: whole-module reuse between fresh steps.
     "fora": dict(interval=3, fresh_ratio=0.0, ratio_schedule="constant", score="staleness"),

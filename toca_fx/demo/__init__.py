@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from . import quality
-from .model import DIT_CONFIG, IMAGE_SIZE, NULL_LABEL, NUM_CLASSES, SCHEDULE, DigitClassifier, load_digits_tensor
+from .model import (DIGIT_SIZE, DIT_CONFIG, IMAGE_SIZE, NULL_LABEL, NUM_CLASSES, SCHEDULE, DigitClassifier, load_digits_tensor,
+                    max_shift, random_shift)
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULT_STEPS = 50
@@ -88,7 +89,8 @@ def sample(model, labels, num_steps: int = DEFAULT_STEPS, seed: int = 0,
     one batch (latents duplicated; labels and the null label 10). A model transformed by toca_fx samples
     as one generation of ``num_steps`` calls (``toca_fx.generation``). ``progress``: a tqdm label, or None.
 
-    Returns images in [0, 1], shape (B, 1, 16, 16), float32, on the CPU.
+    Returns images in [0, 1], shape (B, 1, H, W) (H = W = the model's ``sample_size``: 16 for the bundled
+    model), float32, on the CPU.
     """
     import toca_fx
 
@@ -100,7 +102,8 @@ def sample(model, labels, num_steps: int = DEFAULT_STEPS, seed: int = 0,
     scheduler = _scheduler()
     scheduler.set_timesteps(num_steps)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(labels), DIT_CONFIG["in_channels"], IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+    size = model.config.sample_size
+    x = torch.randn(len(labels), model.config.in_channels, size, size, generator=gen)
     x = (x * scheduler.init_noise_sigma).to(device, dtype)
     cfg = guidance_scale != 1.0
     class_labels = torch.cat([labels, torch.full_like(labels, NULL_LABEL)]) if cfg else labels
@@ -119,20 +122,23 @@ def sample(model, labels, num_steps: int = DEFAULT_STEPS, seed: int = 0,
 
 
 @functools.lru_cache(maxsize=1)
-def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 sklearn digits as the model sees them (16x16), in [0, 1], with their labels."""
-    x, y = load_digits_tensor()
+def real_digits(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 sklearn digits as a model of ``size`` x ``size`` images sees them, in [0, 1], with their labels:
+    the 16x16 digits themselves, or on a larger canvas shifted as in training (a fixed seed)."""
+    x, y = load_digits_tensor(size)
+    if size > DIGIT_SIZE:
+        x = random_shift(x, max_shift(size), torch.Generator().manual_seed(0))
     return (x + 1) / 2, y
 
 
 @functools.lru_cache(maxsize=4)
 def _real_features(classifier) -> torch.Tensor:
-    return quality.features(real_digits()[0], classifier)
+    return quality.features(real_digits(classifier.config.get("image_size", IMAGE_SIZE))[0], classifier)
 
 
 def metrics(images: torch.Tensor, reference_images: torch.Tensor | None = None, labels=None,
             classifier: DigitClassifier | None = None) -> dict:
-    """Quality of ``images`` (B, 1, 16, 16) in [0, 1].
+    """Quality of ``images`` (B, 1, H, W) in [0, 1] (H, W: the classifier's image size).
 
     * ``psnr`` (dB) and ``ssim`` against ``reference_images`` (e.g. the uncached samples from the same noise),
       when given;

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES      # diffusers' DiT label table has one extra row, index num_classes, for CFG's null class
-IMAGE_SIZE = 16               # sklearn's 8x8 digits, upscaled (bilinear)
+DIGIT_SIZE = 16               # sklearn's 8x8 digits, upscaled (bilinear)
+IMAGE_SIZE = 16               # the bundled model's images: the digits as they are (train.py --canvas: larger)
 
 # A small class-conditional DiT (adaLN-zero blocks, like DiT-XL/2): 16x16x1 pixels in 2x2 patches = 64 tokens,
 # width 4 x 32 = 128, epsilon prediction only (out_channels=1, no learned sigma).
@@ -23,14 +24,30 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", pre
                 clip_sample=False)
 
 
-def load_digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's handwritten digits as (1797, 1, 16, 16) float images in [-1, 1] and (1797,) int64 labels."""
+def dit_config(canvas: int = IMAGE_SIZE, patch: int = 2) -> dict:
+    """The DiT's constructor arguments for ``canvas`` x ``canvas`` images in ``patch`` x ``patch`` patches."""
+    return dict(DIT_CONFIG, sample_size=canvas, patch_size=patch)
+
+
+def max_shift(canvas: int = IMAGE_SIZE) -> int:
+    """How far training shifts a digit: 1 pixel on the 16x16 digits themselves, a quarter of the margin on a
+    larger canvas (4 pixels on 32x32)."""
+    return 1 if canvas <= DIGIT_SIZE else (canvas - DIGIT_SIZE) // 4
+
+
+def load_digits_tensor(canvas: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's handwritten digits, upscaled to 16x16 and centred on a ``canvas`` x ``canvas`` background (-1):
+    (1797, 1, canvas, canvas) float images in [-1, 1] and (1797,) int64 labels."""
     from sklearn.datasets import load_digits
 
+    if canvas < DIGIT_SIZE:
+        raise ValueError(f"canvas {canvas} is smaller than the {DIGIT_SIZE}x{DIGIT_SIZE} digits")
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0          # [0, 1], 8x8
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return x.clamp(0, 1) * 2 - 1, torch.tensor(digits.target, dtype=torch.int64)
+    x = F.interpolate(x, size=(DIGIT_SIZE, DIGIT_SIZE), mode="bilinear", align_corners=False)
+    lo = (canvas - DIGIT_SIZE) // 2
+    x = F.pad(x.clamp(0, 1) * 2 - 1, (lo, canvas - DIGIT_SIZE - lo) * 2, value=-1.0)
+    return x, torch.tensor(digits.target, dtype=torch.int64)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,16 +60,19 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN on 16x16 digits in [-1, 1]. ``features`` is its penultimate layer (the Frechet space)."""
+    """A small CNN on ``image_size`` x ``image_size`` digit images in [-1, 1] (16 for the bundled model; a power
+    of two). ``features`` is its penultimate layer (the Frechet space)."""
 
-    def __init__(self, width: int = 32, feature_dim: int = 64):
+    def __init__(self, width: int = 32, feature_dim: int = 64, image_size: int = IMAGE_SIZE):
         super().__init__()
-        self.config = dict(width=width, feature_dim=feature_dim)
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),           # 8x8
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),       # 4x4
-        )
+        self.config = dict(width=width, feature_dim=feature_dim, image_size=image_size)
+        layers = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+                  nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU()]       # 16x16 -> 8x8
+        size = image_size // 2
+        while size > 4:                                                                 # halve down to 4x4
+            layers += [nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU()]
+            size //= 2
+        self.conv = nn.Sequential(*layers)
         self.fc = nn.Linear(2 * width * 16, feature_dim)
         self.head = nn.Linear(feature_dim, NUM_CLASSES)
 

@@ -4,6 +4,7 @@ Usage::
 
     python -m toca_fx.demo.train --out toca_fx/demo/weights            # both models, seed 0
     python -m toca_fx.demo.train --out /tmp/w --steps 200                # a short run
+    python -m toca_fx.demo.train --out /tmp/c --canvas 32 --patch 4      # digits on a 32x32 canvas, 64 tokens
 
 CPU only is fine (the shipped weights were trained on 2 CPU cores with one thread). Writes, under
 ``--out``: ``transformer/`` (diffusers ``save_pretrained``, safetensors; the EMA weights),
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from . import _progress
 from .evaluate import machine_info
-from .model import DIT_CONFIG, NULL_LABEL, SCHEDULE, DigitClassifier, load_digits_tensor, random_shift
+from .model import NULL_LABEL, SCHEDULE, DigitClassifier, dit_config, load_digits_tensor, max_shift, random_shift
 
 BAR = dict(leave=True, disable=False, mininterval=2.0)   # training bars stay, also in a log file
 
@@ -48,7 +49,7 @@ def train_classifier(images, labels, args) -> tuple[DigitClassifier, dict]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     train_idx, test_idx = split(len(images), 0.2, args.seed)
-    clf = DigitClassifier()
+    clf = DigitClassifier(image_size=args.canvas)
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_idx) / 64)
     total = args.classifier_epochs * steps_per_epoch
@@ -57,7 +58,7 @@ def train_classifier(images, labels, args) -> tuple[DigitClassifier, dict]:
     clf.train()
     for step in _progress(range(total), "classifier", **BAR):
         idx = train_idx[torch.randint(0, len(train_idx), (64,), generator=gen)]
-        x = random_shift(images[idx], 1, gen)
+        x = random_shift(images[idx], max_shift(args.canvas), gen)
         x = x + 0.1 * torch.randn(x.shape, generator=gen)
         loss = F.cross_entropy(clf(x), labels[idx])
         opt.zero_grad()
@@ -87,7 +88,8 @@ def train_dit(images, labels, args):
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    model = DiTTransformer2DModel(**DIT_CONFIG)
+    config = dit_config(args.canvas, args.patch)
+    model = DiTTransformer2DModel(**config)
     # diffusers' LabelEmbedding drops labels by itself in training mode, independently in each block's
     # adaLN; drop them once per sample here instead, so every block sees the same (null) label.
     for m in model.modules():
@@ -107,7 +109,7 @@ def train_dit(images, labels, args):
         for g in opt.param_groups:
             g["lr"] = _lr(step, args)
         idx = torch.randint(0, len(images), (args.batch,), generator=gen)
-        x0 = random_shift(images[idx], 1, gen)
+        x0 = random_shift(images[idx], max_shift(args.canvas), gen)
         y = labels[idx].clone()
         y[torch.rand(args.batch, generator=gen) < args.label_dropout] = NULL_LABEL
         noise = torch.randn(x0.shape, generator=gen)
@@ -127,8 +129,8 @@ def train_dit(images, labels, args):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     return ema, dict(losses=losses, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                     ema=args.ema, label_dropout=args.label_dropout, min_snr_gamma=args.min_snr, augmentation="random shift <= 1 px",
-                     schedule=SCHEDULE, config=DIT_CONFIG)
+                     ema=args.ema, label_dropout=args.label_dropout, min_snr_gamma=args.min_snr, augmentation=f"random shift <= {max_shift(args.canvas)} px",
+                     schedule=SCHEDULE, config=config)
 
 
 def plot_losses(log: dict, path: Path) -> None:
@@ -165,9 +167,10 @@ def train_both(args) -> dict:
     """Train the classifier, then the DiT; save both under ``args.out``; return the log."""
     from safetensors.torch import save_file
 
-    images, labels = load_digits_tensor()
+    images, labels = load_digits_tensor(args.canvas)
+    where = "" if args.canvas == 16 else f", centred on a {args.canvas}x{args.canvas} canvas"
     log = dict(command="python -m toca_fx.demo.train " + " ".join(args.argv), seed=args.seed, threads=args.threads,
-               machine=machine_info(), data="sklearn.datasets.load_digits, 1797 images 8x8 -> 16x16 bilinear, [-1, 1]")
+               machine=machine_info(), data=f"sklearn.datasets.load_digits, 1797 images 8x8 -> 16x16 bilinear{where}, [-1, 1]")
 
     t0 = time.perf_counter()
     clf, log["classifier"] = train_classifier(images, labels, args)
@@ -202,9 +205,15 @@ def main(argv=None) -> int:
     ap.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weighting; 0 disables (default 5)")
     ap.add_argument("--classifier-epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--canvas", type=int, default=16,
+                    help="image side: 16 (the bundled model) or larger, the digit centred on a background canvas")
+    ap.add_argument("--patch", type=int, default=2, help="DiT patch size (default 2: 64 tokens on 16x16)")
     ap.add_argument("--eval-only", action="store_true",
                     help="no training: redo the sampling check (and scheduler/, loss_curve.png) on the weights in --out")
     args = ap.parse_args(argv)
+    if args.canvas < 16 or args.canvas & (args.canvas - 1) or args.canvas % args.patch:
+        ap.error(f"--canvas {args.canvas} --patch {args.patch}: the canvas must be a power of two >= 16 "
+                 "(the classifier halves it down to 4x4) and a multiple of the patch size")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
