@@ -117,6 +117,10 @@ def toca_methods(quick: bool) -> list[Method]:
     for n, r in ((3, 0.1), (3, 0.2), (3, 0.3), (4, 0.3)):
         out.append(toca_method(f"toca N={n} r0={r} partial-kv", "toca_fx ToCa partial-kv",
                                toca_fx.ToCaConfig(interval=n, fresh_ratio=r, self_attention="partial-kv")))
+    # Partial steps that recompute the MLP of every token while self-attention is reused (ToCa's DiT module
+    # choice at r = 1): what recomputing MLP tokens alone is worth against FORA's reuse of both.
+    out.append(toca_method("toca N=3 r0=1.0 (MLP of all tokens, attention reused)", "toca_fx ToCa (N, r0 sweep)",
+                           toca_fx.ToCaConfig(interval=3, fresh_ratio=1.0)))
     for n in (2, 3, 4, 5):
         out.append(toca_method(f"fora N={n}", "toca_fx FORA", P("fora", interval=n)))
     base = P("toca-digits")
@@ -283,7 +287,7 @@ def _quiet():
 def fd_floor(n: int, classifier, draws: int = 10) -> dict:
     """Frechet distance of n random real digits to all 1797, over ``draws`` draws: what a perfect sampler scores
     at n samples, and how much the distance moves from sampling alone."""
-    images, _ = demo.real_digits()
+    images, _ = demo.real_digits(classifier.config.get("image_size", demo.IMAGE_SIZE))
     every = quality.features(images, classifier)
     values = [quality.frechet_distance(every[torch.randperm(len(images), generator=torch.Generator().manual_seed(s))[:n]],
                                        every) for s in range(draws)]
@@ -292,8 +296,8 @@ def fd_floor(n: int, classifier, draws: int = 10) -> dict:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    model = demo.load_model()
-    classifier = demo.load_classifier()
+    model = demo.load_model(args.weights)
+    classifier = demo.load_classifier(args.weights)
     labels = torch.arange(args.images) % demo.NUM_CLASSES
     kw = dict(num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance, repeats=args.repeats,
               progress=not args.no_progress)
@@ -334,10 +338,29 @@ def run(args) -> dict:
     return dict(uncached_wall_s=dict(first=first, last=again.wall_times,
                                      drift=statistics.median(again.wall_times) / statistics.median(first) - 1.0),
                 settings=dict(steps=args.steps, images=args.images, seed=args.seed, guidance=args.guidance,
+                              weights=None if args.weights is None else str(args.weights),
                               repeats=args.repeats, threads=args.threads, quick=args.quick, only=args.only),
                 machine=machine_info(), seconds=time.perf_counter() - t0,
                 fd_real_digits=fd_floor(args.images, classifier),
                 results=rows, skipped=skipped)
+
+
+def merge(shards: list[dict]) -> dict:
+    """One report from shards (runs of ``--only``, e.g. one per core; each times its own uncached baseline, so
+    every wall ratio is still against an uncached run of the same process): the first shard's uncached row,
+    then every shard's other rows in order; settings must agree except ``only``."""
+    keys = ("steps", "images", "seed", "guidance", "repeats", "threads")
+    first = shards[0]
+    for s in shards[1:]:
+        if any(s["settings"][k] != first["settings"][k] for k in keys):
+            raise SystemExit(f"bench --merge: shards differ in settings {keys}")
+    rows = [first["results"][0]] + [r for s in shards for r in s["results"] if r["family"] != "uncached"]
+    skipped = list({json.dumps(k, sort_keys=True): k for s in shards for k in s["skipped"]}.values())
+    walls = [s["uncached_wall_s"] for s in shards]
+    return dict(first, results=rows, skipped=skipped, seconds=max(s["seconds"] for s in shards),
+                settings=dict(first["settings"], only=[s["settings"]["only"] for s in shards]),
+                uncached_wall_s=dict(first=[t for w in walls for t in w["first"]], last=[t for w in walls for t in w["last"]],
+                                     drift=statistics.median([w["drift"] for w in walls]), shards=walls))
 
 
 def versus_fora(row: dict, rows: list[dict]) -> dict | None:
@@ -359,7 +382,8 @@ def markdown(report: dict) -> str:
     lines = [f"DDIM {s['steps']} steps, CFG {s['guidance']}, {s['images']} images (classes 0-9), seed {s['seed']}, "
              f"{s['threads']} thread(s), wall time the median of {s['repeats']} run(s) after a warm-up; "
              f"{report['machine']['cpu']} ({report['machine']['cores']} cores), torch {report['machine']['torch']}, "
-             f"diffusers {report['machine']['diffusers']}.", "",
+             f"diffusers {report['machine']['diffusers']}."
+             + (f" Model: `{s['weights']}` (not the bundled one)." if s.get("weights") else ""), "",
              "| family | config | FLOPs ratio | wall ratio | PSNR dB | SSIM | FD | class agr. | PSNR - FORA's | FD - FORA's |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -369,7 +393,14 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['family']} | {r['name']} | {r['flops_ratio']:.2f}x | {r['wall_ratio']:.2f}x | {psnr} | "
                      f"{r['ssim']:.4f} | {r['frechet_distance']:.1f} | {r['class_agreement']:.2f} {vs}")
     u = report.get("uncached_wall_s")
-    if u:
+    if u and u.get("shards"):
+        lines += ["", f"Run as {len(u['shards'])} shards (`--only` {', '.join(repr(o) if o else '(all)' for o in s['only'])}, "
+                  "joined with `--merge`); each shard times its own uncached baseline, so a wall ratio compares "
+                  "runs of one process: " + "; ".join(
+                      f"shard {i + 1} uncached {', '.join(f'{t:.1f}' for t in w['first'])} s before, "
+                      f"{', '.join(f'{t:.1f}' for t in w['last'])} s after (drift {w['drift']:+.1%})"
+                      for i, w in enumerate(u["shards"])) + "."]
+    elif u:
         lines += ["", f"Uncached wall time, timed before all configurations: {', '.join(f'{t:.1f}' for t in u['first'])} s; "
                   f"after all of them: {', '.join(f'{t:.1f}' for t in u['last'])} s (drift {u['drift']:+.1%}); the wall "
                   "ratios use the median of both."]
@@ -452,20 +483,27 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="a directory written by toca_fx.demo.train (default: the bundled model)")
     ap.add_argument("--only", help="regular expression: run only matching configuration names / families")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of skipped configurations")
     ap.add_argument("--replot", action="store_true", help="no runs: rewrite bench.md and pareto.png from bench.json")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                    help="no runs: join the bench.json of shards (runs of --only on separate cores) into --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.replot:
+    if args.merge:
+        report = merge([json.loads((d / "bench.json").read_text()) for d in args.merge])
+    elif args.replot:
         report = json.loads((args.out / "bench.json").read_text())
         report.pop("fd_real_digits_floor", None)
         report["skipped"] += [k for k in NOT_APPLICABLE if k not in report["skipped"]]
-        report.setdefault("fd_real_digits", fd_floor(report["settings"]["images"], demo.load_classifier()))
+        report.setdefault("fd_real_digits", fd_floor(report["settings"]["images"],
+                                                     demo.load_classifier(report["settings"].get("weights"))))
     else:
         report = run(args)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")

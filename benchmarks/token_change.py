@@ -7,7 +7,10 @@ output of every self-attention and MLP branch at every step (forward hooks on th
 modules, nothing of toca_fx involved), and reports, per branch, the share of the squared change
 ||F_t - F_{t-1}||^2 held by the top 10 / 20 / 30 % of the tokens (an oracle that knew the change
 could do no better), and how well the previous step's change predicts the current one (overlap
-of the top-20 % sets). A uniform spread gives shares of 0.10 / 0.20 / 0.30.
+of the top-20 % sets). A uniform spread gives shares of 0.10 / 0.20 / 0.30. It also splits the change
+between background tokens (whose patch of the final uncached image is dark: every pixel below 0.15)
+and the others: a background share equal to the background fraction means background tokens change
+as much as the digit's.
 
 Usage::
 
@@ -39,11 +42,13 @@ class Tracker:
         self.prev, self.prev_top = None, None
         self.shares = {f: [] for f in FRACTIONS}
         self.overlap, self.rel = [], []
+        self.per_token = None                                         # (B, N) squared change summed over steps
 
     def __call__(self, module, args, out):
         out = out.detach()
         if self.prev is not None:
             d = (out - self.prev).pow(2).sum(-1)                  # (B, N) squared change per token
+            self.per_token = d if self.per_token is None else self.per_token + d
             n = d.shape[1]
             order = d.argsort(dim=-1, descending=True)
             total = d.sum(-1).clamp_min(1e-30)
@@ -57,10 +62,13 @@ class Tracker:
             self.rel.append(float((out - self.prev).norm() / self.prev.norm().clamp_min(1e-30)))
         self.prev = out.clone()
 
-    def summary(self) -> dict:
+    def summary(self, background: torch.Tensor) -> dict:
+        """``background``: (B, N) bool, the tokens of the conditional half (the first B rows) that end up dark."""
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        d = self.per_token[: background.shape[0]]
         return dict(top_share={str(f): mean(v) for f, v in self.shares.items()},
-                    top20_overlap_with_previous=mean(self.overlap), relative_change_per_step=mean(self.rel))
+                    top20_overlap_with_previous=mean(self.overlap), relative_change_per_step=mean(self.rel),
+                    background_share=float((d * background).sum() / d.sum()))
 
 
 def record(model, labels, steps: int, seed: int, guidance: float) -> dict[str, dict]:
@@ -71,11 +79,14 @@ def record(model, labels, steps: int, seed: int, guidance: float) -> dict[str, d
             trackers[f"block{i}.{name}"] = t = Tracker()
             handles.append(mod.register_forward_hook(t))
     try:
-        demo.sample(model, labels, num_steps=steps, seed=seed, guidance_scale=guidance)
+        images = demo.sample(model, labels, num_steps=steps, seed=seed, guidance_scale=guidance)
     finally:
         for h in handles:
             h.remove()
-    return {k: t.summary() for k, t in trackers.items()}
+    p = model.config.patch_size
+    background = torch.nn.functional.max_pool2d(images, p).flatten(1) < 0.15     # (B, N), token order of the patches
+    rows = {k: t.summary(background) for k, t in trackers.items()}
+    return rows, float(background.float().mean())
 
 
 def main(argv=None) -> int:
@@ -85,21 +96,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=demo.DEFAULT_GUIDANCE)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="a directory written by toca_fx.demo.train (default: the bundled model)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model = demo.load_model()
+    model = demo.load_model(args.weights)
     labels = torch.arange(args.images) % demo.NUM_CLASSES
-    rows = record(model, labels, args.steps, args.seed, args.guidance)
-    print(f"{'branch':<14} {'top10%':>7} {'top20%':>7} {'top30%':>7} {'overlap':>8} {'rel.change':>11}")
+    rows, bg_fraction = record(model, labels, args.steps, args.seed, args.guidance)
+    print(f"{'branch':<14} {'top10%':>7} {'top20%':>7} {'top30%':>7} {'overlap':>8} {'rel.change':>11} {'bg share':>9}")
     for k, r in rows.items():
         s = r["top_share"]
         print(f"{k:<14} {s['0.1']:7.2f} {s['0.2']:7.2f} {s['0.3']:7.2f} {r['top20_overlap_with_previous']:8.2f} "
-              f"{r['relative_change_per_step']:11.3f}")
+              f"{r['relative_change_per_step']:11.3f} {r['background_share']:9.2f}")
+    print(f"background tokens: {bg_fraction:.2f} of all")
     avg = {str(f): sum(r["top_share"][str(f)] for r in rows.values()) / len(rows) for f in FRACTIONS}
     print("mean over branches: " + ", ".join(f"top {float(f):.0%}: {v:.2f}" for f, v in avg.items()))
     if args.json:
-        args.json.write_text(json.dumps(dict(settings=vars(args) | {"json": str(args.json)}, branches=rows,
-                                             mean_top_share=avg), indent=1) + "\n")
+        args.json.write_text(json.dumps(dict(settings=vars(args) | {"json": str(args.json), "weights": args.weights and str(args.weights)}, branches=rows,
+                                             mean_top_share=avg, background_fraction=bg_fraction), indent=1) + "\n")
     return 0
 
 

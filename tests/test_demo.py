@@ -156,3 +156,35 @@ def test_cli_bench_loads_the_benchmark_script(capsys):
         cli.main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "usage: toca-fx bench" in capsys.readouterr().out
+
+
+def test_bench_merge_joins_shards_and_refuses_different_settings():
+    """``bench.py --merge``: one report from ``--only`` shards, each keeping its own uncached wall ratios."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(cli.__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    spec = importlib.util.spec_from_file_location("toca_fx_bench_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+
+    def shard(only, names, first):
+        metrics = dict(flops_ratio=1.0, psnr=None, ssim=1.0, frechet_distance=80.0, class_agreement=1.0)
+        rows = [dict(metrics, name="uncached", family="uncached", wall_ratio=1.0)]
+        rows += [dict(metrics, name=n, family="toca_fx FORA", wall_ratio=2.0, psnr=40.0) for n in names]
+        return dict(settings=dict(steps=50, images=100, seed=0, guidance=1.5, repeats=1, threads=1, only=only),
+                    results=rows, skipped=[dict(name="x", family="f", reason="y")], seconds=first,
+                    uncached_wall_s=dict(first=[first], last=[first - 1], drift=-1 / first))
+
+    merged = bench.merge([shard("a", ["fora N=2"], 10.0), shard("b", ["fora N=3", "fora N=4"], 20.0)])
+    assert [r["name"] for r in merged["results"]] == ["uncached", "fora N=2", "fora N=3", "fora N=4"]
+    assert merged["settings"]["only"] == ["a", "b"] and merged["skipped"] == [dict(name="x", family="f", reason="y")]
+    assert merged["uncached_wall_s"]["first"] == [10.0, 20.0] and len(merged["uncached_wall_s"]["shards"]) == 2
+    assert "Run as 2 shards" in bench.markdown(dict(merged, machine=dict(cpu="cpu", cores=2, torch="t", diffusers="d"),
+                                                    fd_real_digits=dict(n=100, draws=10, mean=1, min=0, max=2)))
+    other = shard("c", ["fora N=5"], 5.0)
+    other["settings"]["steps"] = 25
+    with pytest.raises(SystemExit, match="differ in settings"):
+        bench.merge([shard("a", [], 1.0), other])
