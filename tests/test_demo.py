@@ -131,6 +131,10 @@ def test_cli_demo_quick(tmp_path, capsys):
     assert toca["stats_flops_ratio"] == pytest.approx(toca["flops_ratio"], rel=0.1)
     out = capsys.readouterr().out
     assert "toca-digits" in out and "FORA at ToCa's FLOPs ratio" in out
+    # The check ToCa fails here is printed unticked, with where to read why (and only then).
+    psnr_check = "ToCa PSNR > FORA's at the same FLOPs ratio"
+    assert checks[psnr_check] == (toca["psnr"] > report["fora_at_toca_ratio"]["psnr"])
+    assert (f"[ ] {psnr_check}" in out) == ("ToCa trails FORA on PSNR on this model" in out) == (not checks[psnr_check])
 
 
 @pytest.mark.parametrize("argv, message", [

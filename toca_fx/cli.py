@@ -190,6 +190,10 @@ def cmd_demo(args) -> int:
         print(f"  [{'x' if ok else ' '}] {name}")
     print("  (on this model the Frechet distance falls with any approximation and varies more between draws of real "
           "digits than between methods; BENCHMARKS.md has the full comparison)")
+    if not checks["ToCa PSNR > FORA's at the same FLOPs ratio"]:
+        print("  (ToCa trails FORA on PSNR on this model: recomputing some tokens on top of reused outputs costs more "
+              "than the staleness it removes, and the change is spread over the tokens; measured in BENCHMARKS.md, "
+              "'Why')")
 
     grid_path, json_path = out / "demo_grid.png", out / "demo.json"
     titles = [f"{r['name']}: {r['flops_ratio']:.2f}x FLOPs" + ("" if r["psnr"] is None else f", PSNR {r['psnr']:.1f} dB")
