@@ -349,10 +349,10 @@ def merge(shards: list[dict]) -> dict:
     """One report from shards (runs of ``--only``, e.g. one per core; each times its own uncached baseline, so
     every wall ratio is still against an uncached run of the same process): the first shard's uncached row,
     then every shard's other rows in order; settings must agree except ``only``."""
-    keys = ("steps", "images", "seed", "guidance", "repeats", "threads")
+    keys = ("steps", "images", "seed", "guidance", "repeats", "threads", "weights")
     first = shards[0]
     for s in shards[1:]:
-        if any(s["settings"][k] != first["settings"][k] for k in keys):
+        if any(s["settings"].get(k) != first["settings"].get(k) for k in keys):
             raise SystemExit(f"bench --merge: shards differ in settings {keys}")
     rows = [first["results"][0]] + [r for s in shards for r in s["results"] if r["family"] != "uncached"]
     skipped = list({json.dumps(k, sort_keys=True): k for s in shards for k in s["skipped"]}.values())
@@ -393,17 +393,16 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['family']} | {r['name']} | {r['flops_ratio']:.2f}x | {r['wall_ratio']:.2f}x | {psnr} | "
                      f"{r['ssim']:.4f} | {r['frechet_distance']:.1f} | {r['class_agreement']:.2f} {vs}")
     u = report.get("uncached_wall_s")
+    secs = lambda ts: ", ".join(f"{t:.1f}" for t in ts)  # noqa: E731
     if u and u.get("shards"):
         lines += ["", f"Run as {len(u['shards'])} shards (`--only` {', '.join(repr(o) if o else '(all)' for o in s['only'])}, "
                   "joined with `--merge`); each shard times its own uncached baseline, so a wall ratio compares "
                   "runs of one process: " + "; ".join(
-                      f"shard {i + 1} uncached {', '.join(f'{t:.1f}' for t in w['first'])} s before, "
-                      f"{', '.join(f'{t:.1f}' for t in w['last'])} s after (drift {w['drift']:+.1%})"
-                      for i, w in enumerate(u["shards"])) + "."]
+                      f"shard {i + 1} uncached {secs(w['first'])} s before, {secs(w['last'])} s after "
+                      f"(drift {w['drift']:+.1%})" for i, w in enumerate(u["shards"])) + "."]
     elif u:
-        lines += ["", f"Uncached wall time, timed before all configurations: {', '.join(f'{t:.1f}' for t in u['first'])} s; "
-                  f"after all of them: {', '.join(f'{t:.1f}' for t in u['last'])} s (drift {u['drift']:+.1%}); the wall "
-                  "ratios use the median of both."]
+        lines += ["", f"Uncached wall time, timed before all configurations: {secs(u['first'])} s; after all of them: "
+                  f"{secs(u['last'])} s (drift {u['drift']:+.1%}); the wall ratios use the median of both."]
     f = report["fd_real_digits"]
     lines += ["", "PSNR / FD - FORA's: the row minus FORA's value at the same FLOPs ratio, linear between the two FORA "
               "runs around it (positive PSNR / negative FD: ahead of FORA); '-' outside FORA's range.",

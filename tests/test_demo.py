@@ -192,3 +192,7 @@ def test_bench_merge_joins_shards_and_refuses_different_settings():
     other["settings"]["steps"] = 25
     with pytest.raises(SystemExit, match="differ in settings"):
         bench.merge([shard("a", [], 1.0), other])
+    elsewhere = shard("d", ["fora N=5"], 5.0)
+    elsewhere["settings"]["weights"] = "/tmp/another-model"
+    with pytest.raises(SystemExit, match="differ in settings"):
+        bench.merge([shard("a", [], 1.0), elsewhere])

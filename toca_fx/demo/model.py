@@ -24,7 +24,7 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", pre
                 clip_sample=False)
 
 
-def dit_config(canvas: int = IMAGE_SIZE, patch: int = 2) -> dict:
+def dit_config(canvas: int = IMAGE_SIZE, patch: int = DIT_CONFIG["patch_size"]) -> dict:
     """The DiT's constructor arguments for ``canvas`` x ``canvas`` images in ``patch`` x ``patch`` patches."""
     return dict(DIT_CONFIG, sample_size=canvas, patch_size=patch)
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from . import _progress
 from .evaluate import machine_info
-from .model import NULL_LABEL, SCHEDULE, DigitClassifier, dit_config, load_digits_tensor, max_shift, random_shift
+from .model import (DIGIT_SIZE, DIT_CONFIG, IMAGE_SIZE, NULL_LABEL, SCHEDULE, DigitClassifier, dit_config,
+                    load_digits_tensor, max_shift, random_shift)
 
 BAR = dict(leave=True, disable=False, mininterval=2.0)   # training bars stay, also in a log file
 
@@ -168,7 +169,7 @@ def train_both(args) -> dict:
     from safetensors.torch import save_file
 
     images, labels = load_digits_tensor(args.canvas)
-    where = "" if args.canvas == 16 else f", centred on a {args.canvas}x{args.canvas} canvas"
+    where = f", centred on a {args.canvas}x{args.canvas} canvas" if args.canvas > DIGIT_SIZE else ""
     log = dict(command="python -m toca_fx.demo.train " + " ".join(args.argv), seed=args.seed, threads=args.threads,
                machine=machine_info(), data=f"sklearn.datasets.load_digits, 1797 images 8x8 -> 16x16 bilinear{where}, [-1, 1]")
 
@@ -205,14 +206,15 @@ def main(argv=None) -> int:
     ap.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weighting; 0 disables (default 5)")
     ap.add_argument("--classifier-epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--canvas", type=int, default=16,
-                    help="image side: 16 (the bundled model) or larger, the digit centred on a background canvas")
-    ap.add_argument("--patch", type=int, default=2, help="DiT patch size (default 2: 64 tokens on 16x16)")
+    ap.add_argument("--canvas", type=int, default=IMAGE_SIZE,
+                    help=f"image side: {IMAGE_SIZE} (the bundled model) or larger, the digit centred on a background canvas")
+    ap.add_argument("--patch", type=int, default=DIT_CONFIG["patch_size"],
+                    help=f"DiT patch size (default {DIT_CONFIG['patch_size']}: 64 tokens on {IMAGE_SIZE}x{IMAGE_SIZE})")
     ap.add_argument("--eval-only", action="store_true",
                     help="no training: redo the sampling check (and scheduler/, loss_curve.png) on the weights in --out")
     args = ap.parse_args(argv)
-    if args.canvas < 16 or args.canvas & (args.canvas - 1) or args.canvas % args.patch:
-        ap.error(f"--canvas {args.canvas} --patch {args.patch}: the canvas must be a power of two >= 16 "
+    if args.canvas < DIGIT_SIZE or args.canvas & (args.canvas - 1) or args.canvas % args.patch:
+        ap.error(f"--canvas {args.canvas} --patch {args.patch}: the canvas must be a power of two >= {DIGIT_SIZE} "
                  "(the classifier halves it down to 4x4) and a multiple of the patch size")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
