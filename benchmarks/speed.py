@@ -167,13 +167,13 @@ def main(argv=None):
         f1 = fc.get_total_flops()
         stats = toca_fx.stats(cached)
         k_shapes = k_shapes_by_class(cached)
-    ctl = cached._toca_fx
+    rep = toca_fx.explain(cached)
     if args.compile:
         # the original's blocks, compiled region by region as toca_fx compiles its block graphs
         compiled_blocks = 0
-        for bl in ctl.lists:
-            if not bl.rejected:
-                for block in original.get_submodule(bl.name):
+        for bl in rep.lists:
+            if bl["rejected"] is None:
+                for block in original.get_submodule(bl["name"]):
                     block.compile()
                     compiled_blocks += 1
         result.update(original_compiled_blocks=compiled_blocks)
@@ -192,8 +192,8 @@ def main(argv=None):
         f1 = f0 - (stats.flops_original - stats.flops_actual) / args.repeats
         stats.calls = {k: v // args.repeats for k, v in stats.calls.items()}
         k_shapes = k_shapes_by_class(cached)
-    entries = [e for e in ctl.entries.values() if not e.failed]
-    transform_s = sum(sum(v for k, v in e.seconds.items() if k in ("capture", "analysis", "rewrite")) for e in entries)
+    transform_s = sum(r.seconds for p in toca_fx.explain(cached).programs if p.failed is None
+                      for r in p.stages.values())
     flops_ratio = f0 / f1
     wall_ratio = statistics.median(t_orig) / statistics.median(t_toca)
     result.update(
@@ -264,7 +264,6 @@ def profile_overhead(cached, shape, args, dtype):
     x, cond = inputs(shape, device, dtype, seed=1)
     x = torch.cat([x, x])                 # both halves alike, as in the sampler: the same (CFG) variant
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    ctl = cached._toca_fx
     t0, t1 = sch.timesteps[:2]
     with torch.no_grad():
         # the first pass warms up (a variant not met in the timed generations would compile here);
@@ -273,11 +272,11 @@ def profile_overhead(cached, shape, args, dtype):
             with toca_fx.generation(cached, num_steps=args.steps):
                 cached(x, timestep=torch.full((2,), int(t0), device=device), **cond)          # fresh
                 sync(device)
-                partial_before = ctl.calls["partial"]
+                partial_before = toca_fx.stats(cached).calls["partial"]
                 with profile(activities=acts, profile_memory=False) as prof:
                     cached(x, timestep=torch.full((2,), int(t1), device=device), **cond)      # partial
                     sync(device)
-                assert ctl.calls["partial"] == partial_before + 1
+                assert toca_fx.stats(cached).calls["partial"] == partial_before + 1
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     rows = prof.key_averages()
     total = sum(getattr(r, key) for r in rows)
@@ -307,13 +306,13 @@ def dynamo_graphs():
 def k_shapes_by_class(cached):
     """Per block class (and input signature): variant graphs, compiled ones, and the distinct k
     tuples of its partial calls since the last stats reset (each a shape a compiled graph meets)."""
-    ctl = cached._toca_fx
+    records = [r for r in toca_fx.stats(cached).records if r.variant is not None]
     out = {}
-    for key, e in ctl.entries.items():
-        if e.failed:
+    for e in toca_fx.explain(cached).programs:
+        if e.failed is not None:
             continue
-        ks = sorted({tuple(v for _, v in fk[3]) for fk in ctl.flop_log if fk[0] == key and fk[1] != "fresh"})
-        sites = sorted({s for fk in ctl.flop_log if fk[0] == key and fk[1] != "fresh" for s, _ in fk[3]})
+        ks = sorted({tuple(v for _, v in r.ks) for r in records if r.program == e.key})
+        sites = sorted({s for r in records if r.program == e.key for s, _ in r.ks})
         name = e.cls_name if e.cls_name not in out else f"{e.cls_name}#{len(out)}"
         out[name] = dict(variants=1 + len(e.partials), compiled=len(e.compiled), sites=sites, k=[list(k) for k in ks])
     return out

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+import toca_fx
+
 diffusers = pytest.importorskip("diffusers")
 
 
@@ -83,3 +85,22 @@ def dit_pair():
 def pixart_pair():
     m = make_pixart()
     return m, copy.deepcopy(m)
+
+
+# -- the public inspection seam ---------------------------------------------------------------
+
+def programs(model):
+    """The model's block programs (``toca_fx.explain(model).programs``), with one block of each."""
+    rep = toca_fx.explain(model)
+    return [(p, model.get_submodule(e.blocks[0])) for p, e in zip(rep.programs, rep.entries)]
+
+
+def program(model):
+    """The one block program of a model whose blocks share one class and signature."""
+    (p,) = toca_fx.explain(model).programs
+    return p
+
+
+def branch_state(model, block: str, branch=0):
+    """The named cache submodule of one block and CFG branch (visible in ``print(model)``)."""
+    return model.get_submodule(f"_toca_fx_state.{block.replace('.', '__')}.branch_{branch}")

@@ -61,7 +61,6 @@ def test_pipeline_unchanged_and_fresh_generation_per_call(make, run):
     st = toca_fx.stats(pipe)
     assert st.generations == 2
     assert st.calls == {"fresh": 4, "partial": 8}         # steps 0 and 3 fresh, per generation
-    ctl = pipe.transformer._toca_fx
-    assert ctl.num_steps == 6                             # taken from num_inference_steps
+    assert st.num_steps == 6                              # taken from num_inference_steps
     toca_fx.remove(pipe)
     assert type(pipe).__call__ is not None and not getattr(type(pipe), "_toca_fx_wrapped", False)

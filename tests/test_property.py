@@ -110,7 +110,7 @@ def test_random_dit_like_models_stay_exact(heads, head_dim, depth, gated, glu, c
             for step in range(3):
                 out, ref = m(**inputs(step)), model(**inputs(step))
                 assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
-        (e,) = m._toca_fx.entries.values()
+        (e,) = toca_fx.explain(m).programs
         assert [s.kind for s in e.sites] == ["self_attn"] + (["cross_attn"] if cross else []) + ["mlp"]
         assert all(s.local for s in e.sites)
         assert toca_fx.stats(m).calls == ({"fresh": 3} if overrides.get("interval") == 1 else {"fresh": 2, "partial": 1})

@@ -9,7 +9,7 @@ import torch
 
 import toca_fx
 from blocks import EscapingBlock, MixerBlock, Stack
-from conftest import diffusers, make_dit, rel_err, sample_dit
+from conftest import branch_state, diffusers, make_dit, program, rel_err, sample_dit
 
 EXACT = dict(interval=3, fresh_ratio=1.0, ratio_schedule="constant", self_attention="partial")
 
@@ -37,28 +37,28 @@ def test_state_dict_and_parameters_untouched():
 def test_timestep_restart_and_shape_change_start_new_generations():
     model = make_dit()
     toca_fx.transform(model, interval=3, fresh_ratio=0.3)
-    ctl = model._toca_fx
     for t in (900, 800, 700):
         _call(model, t)
-    assert ctl.calls == {"fresh": 1, "partial": 2}
+    assert toca_fx.stats(model).calls == {"fresh": 1, "partial": 2}
     _call(model, 900)                                   # the sequence starts again
-    assert ctl.generations == 2 and ctl.calls["fresh"] == 2
+    st = toca_fx.stats(model)
+    assert st.generations == 2 and st.calls["fresh"] == 2
     _call(model, 800, x=torch.randn(1, 4, 8, 8), labels=(3,))  # new batch size mid-generation
-    assert ctl.generations == 3 and ctl.calls["fresh"] == 3
+    st = toca_fx.stats(model)
+    assert st.generations == 3 and st.calls["fresh"] == 3
     toca_fx.reset(model)
     _call(model, 700)
-    assert ctl.calls["fresh"] == 4
+    assert toca_fx.stats(model).calls["fresh"] == 4
 
 
 def test_new_shape_recaptures_and_reuses_old_capture():
     model = make_dit()
     toca_fx.transform(model)
-    ctl = model._toca_fx
     _call(model, 900)
     _call(model, 900, x=torch.randn(1, 4, 8, 8), labels=(3,))
-    assert len(ctl.entries) == 2
+    assert len(toca_fx.explain(model).programs) == 2
     _call(model, 900)
-    assert len(ctl.entries) == 2
+    assert len(toca_fx.explain(model).programs) == 2
 
 
 def _separate_cfg(model, steps=9, guidance=4.0, context=False):
@@ -97,10 +97,10 @@ def test_separate_cfg_calls_get_one_cache_per_branch(context):
         ref = sample_dit(batched, steps=9)
     with toca_fx.generation(model, num_steps=9):
         out = _separate_cfg(model, steps=9, context=context)
-    ctl = model._toca_fx
-    assert set(ctl.branches) == ({"cond", "uncond"} if context else {0, 1})
-    assert all(b.step == 9 for b in ctl.branches.values())      # steps counted per branch
-    assert ctl.calls == {"fresh": 6, "partial": 12}
+    st = toca_fx.stats(model)
+    assert set(st.branches) == ({"cond", "uncond"} if context else {0, 1})
+    assert all(b["step"] == 9 for b in st.branches.values())    # steps counted per branch
+    assert st.calls == {"fresh": 6, "partial": 12}
     assert rel_err(out, ref) < 1e-4
     # and the branches really are cached: FORA differs from the uncached model
     toca_fx.remove(model)
@@ -112,10 +112,10 @@ def test_non_cfg_batch_selects_tokens_per_sample():
     toca_fx.transform(model, interval=2, fresh_ratio=0.25)
     x = torch.randn(2, 4, 8, 8)
     _call(model, 900, x=x)
-    assert model._toca_fx.cfg is False
+    assert toca_fx.stats(model).paired is False
     toca_fx.reset(model)
     _call(model, 900, x=torch.cat([x[:1], x[:1]]))
-    assert model._toca_fx.cfg is True
+    assert toca_fx.stats(model).paired is True
 
 
 @pytest.mark.parametrize("block", [lambda: EscapingBlock(16), lambda: MixerBlock(16, 8)], ids=["escaping", "mixer"])
@@ -136,7 +136,7 @@ def test_training_mode_runs_unchanged():
     toca_fx.transform(model, interval=1)
     x = torch.randn(2, 4, 8, 8)
     model(x, timestep=torch.tensor([5, 5]), class_labels=torch.tensor([1, 2]))
-    assert all(rt.stats["original"] == 1 for rt in model._toca_fx.blocks)
+    assert all(b["original"] == 1 for b in toca_fx.stats(model).blocks.values())
 
 
 def test_stats_accumulate_until_reset_with_stats():
@@ -189,8 +189,8 @@ def test_data_dependent_block_runs_unchanged_with_reason():
     with torch.no_grad():
         for t in (3, 2, 1):
             assert torch.equal(model(x, timestep=t), ref(x))
-    (e,) = model._toca_fx.entries.values()
-    assert e.failed and "torch.export could not capture one graph" in e.failed
+    e = program(model)
+    assert e.failed.code == "capture-failed" and e.failed.stage == "capture"
     assert "unchanged" in str(toca_fx.explain(model)) and "could not capture" in str(toca_fx.explain(model))
 
 
@@ -200,15 +200,14 @@ def test_resolution_change_recaptures_and_stays_exact():
     model = Model(2, d=8, heads=2, gated=True, glu=False, cross=False, ctx_dim=6, cond_dim=8).eval()
     ref = copy.deepcopy(model)
     toca_fx.transform(model, **EXACT)
-    ctl = model._toca_fx
     with torch.no_grad():
         for tokens in (16, 9, 16):
             for step in range(3):
                 x = torch.randn(2, tokens, 8)
                 t = torch.full((2,), 900.0 - 100 * step)
                 assert rel_err(model(x, timestep=t), ref(x, timestep=t)) <= 1e-5
-    assert len(ctl.entries) == 2                      # 16 tokens reuses its first capture
-    assert ctl.generations == 3                       # each resolution change starts a generation
+    assert len(toca_fx.explain(model).programs) == 2  # 16 tokens reuses its first capture
+    assert toca_fx.stats(model).generations == 3      # each resolution change starts a generation
 
 
 @pytest.mark.parametrize("attention", ["reuse", "partial-kv"])
@@ -218,9 +217,10 @@ def test_cache_dtype_bf16_close_and_stored_in_bf16(attention):
     toca_fx.transform(ref_model, interval=3, fresh_ratio=0.3, self_attention=attention)
     toca_fx.transform(model, interval=3, fresh_ratio=0.3, cache_dtype="bfloat16", self_attention=attention)
     a, b = sample_dit(model, steps=6), sample_dit(ref_model, steps=6)
-    st = model._toca_fx.blocks[0].states.get(0)
-    assert all(v.dtype == torch.bfloat16 for v in st.values.values())
-    assert any("__kv" in name for name in st.values) == (attention == "partial-kv")   # key/value caches too
+    st = branch_state(model, "transformer_blocks.0")
+    caches = {n: b for n, b in st.named_buffers() if not n.startswith(("stale_", "score"))}
+    assert caches and all(v.dtype == torch.bfloat16 for v in caches.values())
+    assert any(n.startswith("kv") for n in caches) == (attention == "partial-kv")   # key/value caches too
     assert 0 < rel_err(a, b) < 0.05                 # bf16 caches: a small, measured difference
     assert toca_fx.stats(model).cache_bytes < toca_fx.stats(ref_model).cache_bytes
 
@@ -232,7 +232,7 @@ def test_k_buckets_limit_distinct_token_counts():
     toca_fx.transform(model, "toca-dit-ddim50", k_buckets=4)
     with toca_fx.generation(model, num_steps=20):
         sample_dit(model, steps=20)
-    ks = {k for key in model._toca_fx.flop_log if key[1] != "fresh" for _, k in key[3]}
+    ks = {k for rec in toca_fx.stats(model).records if rec.variant is not None for _, k in rec.ks}
     assert ks and ks <= {4, 8, 12, 16}
 
 
@@ -246,8 +246,8 @@ def test_cache_buffers_keep_their_addresses_across_steps():
         sch.set_timesteps(6)
         for t in sch.timesteps:
             _call(model, int(t))
-            st = model._toca_fx.blocks[0].states.get(0)
-            ptrs.append(tuple(v.data_ptr() for v in list(st.values.values()) + list(st.stale.values()) + [st.score]))
+            st = branch_state(model, "transformer_blocks.0")
+            ptrs.append(tuple(v.data_ptr() for v in st.buffers()))
     assert len(set(ptrs)) == 1
 
 
@@ -267,8 +267,8 @@ def test_accelerator_timestep_is_read_only_until_the_branch_pattern_is_known(loo
                     _separate_cfg(model, steps=9, context=loop == "cache_context")
         finally:
             monkeypatch.undo()
-        ctl = model._toca_fx
-        return out, dict(ctl.calls), {k: (b.step, b.last_fresh) for k, b in ctl.branches.items()}, ctl.timestep_reads
+        st = toca_fx.stats(model)
+        return out, dict(st.calls), st.branches, st.timestep_reads
 
     model = make_dit()
     if loop == "cache_context":

@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import toca_fx
-from conftest import make_dit, make_pixart, sample_dit, sample_pixart
-from toca_fx.runtime.ops import spatial_bonus
-from toca_fx.runtime.scores import cross_entropy_score, received_attention
+from conftest import branch_state, make_dit, make_pixart, program, sample_dit, sample_pixart
+from toca_fx.ops import spatial_bonus
+from toca_fx.passes.bindings import ScoreOutput
+from toca_fx.passes.scores import cross_entropy_score, received_attention
 
 select = torch.ops.toca_fx.select_tokens
 
@@ -61,21 +62,21 @@ def test_spatial_bonus_top_token_per_tile():
 
 def test_cross_attention_entropy_averages_cfg_halves():
     c = torch.softmax(torch.randn(4, 6, 5), -1)
-    got = cross_entropy_score(c, cfg=True)
+    got = cross_entropy_score(c, paired=True)
     avg = 0.5 * (c[:2] + c[2:])
     h = -(avg * torch.log(avg + 1e-7)).sum(-1)
     ref = torch.nn.functional.normalize(1 + h, dim=1)
     assert torch.allclose(got, torch.cat([ref, ref]))
-    assert torch.allclose(received_attention(torch.ones(1, 4)), torch.full((1, 4), 0.5))
+    assert torch.allclose(received_attention(torch.ones(1, 4), paired=False), torch.full((1, 4), 0.5))
 
 
 def test_fresh_step_computes_the_attention_map_dit():
     model = make_dit(num_layers=1)
     toca_fx.transform(model, interval=3, fresh_ratio=0.25)
     sample_dit(model, steps=4)
-    (e,) = model._toca_fx.entries.values()
-    assert e.score_role == "received"
-    st = model._toca_fx.blocks[0].states.get(0)
+    e = program(model)
+    assert e.score.ingredient.name == "received"
+    st = branch_state(model, "transformer_blocks.0")
     # s1 is the L2-normalised attention received by each token: unit norm, positive
     assert torch.allclose(st.score.norm(dim=1), torch.ones(st.score.shape[0]))
     assert (st.score > 0).all()
@@ -85,9 +86,9 @@ def test_pixart_scores_from_cross_attention_entropy():
     model = make_pixart(num_layers=1)
     toca_fx.transform(model, interval=3, fresh_ratio=0.25)
     sample_pixart(model, steps=4)
-    (e,) = model._toca_fx.entries.values()
-    assert e.score_role == "cross_map" and e.bonus == 0.4 and e.grid == 4
-    st = model._toca_fx.blocks[0].states.get(0)
+    e = program(model)
+    assert e.score.ingredient.name == "cross_map" and e.score.bonus == 0.4 and e.score.grid == 4
+    st = branch_state(model, "transformer_blocks.0")
     b = st.score.shape[0]
     assert torch.equal(st.score[: b // 2], st.score[b // 2:])        # CFG halves share one score
 
@@ -99,8 +100,8 @@ def test_flash_compatible_scores_run_and_differ():
         toca_fx.transform(model, interval=3, fresh_ratio=0.25, score=score)
         out = sample_dit(model, steps=6)
         assert torch.isfinite(out).all()
-        (e,) = model._toca_fx.entries.values()
-        roles = [r for r, _ in e.fresh.extra_outputs if r != "value"]
+        e = program(model)
+        roles = [s.ingredient for s in e.fresh.outputs if isinstance(s, ScoreOutput)]
         assert roles == {"v-norm": ["vnorm"], "k-norm": ["knorm"], "toca": ["received"]}.get(score, [])
         picks[score] = out
     assert not torch.equal(picks["v-norm"], picks["random"])

@@ -10,9 +10,9 @@ import torch.nn as nn
 
 import toca_fx
 from blocks import EscapingBlock, MixerBlock, MLPOnlyBlock, Stack
-from conftest import make_dit, make_pixart, pixart_text
+from conftest import make_dit, make_pixart, pixart_text, program
 from toca_fx.analysis import probe_site, run_with_override
-from toca_fx.runtime.entry import partial_variant
+from toca_fx.passes.bindings import Buffer, ScoreInput, ScoreOutput, StateInput, StateOutput, TokenCount
 
 aten = torch.ops.aten
 
@@ -30,8 +30,7 @@ def _pixart_call(model):
 
 
 def _entry(model):
-    (e,) = model._toca_fx.entries.values()
-    return e
+    return program(model)
 
 
 def _ops(gm, target):
@@ -46,8 +45,7 @@ def test_sites_per_block_and_one_capture_per_class(make, call, kinds):
     model = make(num_layers=3)
     toca_fx.transform(model)
     call(model)
-    ctl = model._toca_fx
-    assert len(ctl.entries) == 1                         # one capture for 3 blocks of one class
+    assert len(toca_fx.explain(model).programs) == 1     # one capture for 3 blocks of one class
     e = _entry(model)
     assert e.capture.method == "torch.export"
     assert [s.kind for s in e.sites] == kinds
@@ -70,8 +68,9 @@ def test_dit_variant_ops():
     sdpa = aten.scaled_dot_product_attention.default
     assert _ops(orig, sdpa) == _ops(fresh, sdpa) == 1
     assert _ops(orig, aten._softmax.default) == 0 and _ops(fresh, aten._softmax.default) == 1   # s1 map, fresh only
-    assert [r for r, _ in e.fresh.extra_outputs] == ["value", "value", "received"]
-    v = partial_variant(e, {"self_attn0": "reuse", "mlp0": "partial"}, True, model._toca_fx.config)
+    assert e.fresh.outputs == (StateOutput(Buffer("self_attn0", "value")), StateOutput(Buffer("mlp0", "value")),
+                               ScoreOutput("received"))
+    v = e.variant({"self_attn0": "reuse", "mlp0": "partial"}, True)
     g = v.gm
     assert _ops(g, sdpa) == 0                                # reused attention is not computed at all
     assert _ops(g, aten._softmax.default) == 0               # no attention map on partial steps
@@ -82,6 +81,9 @@ def test_dit_variant_ops():
     assert v.counts["partial_sites"] == 1 and v.counts["reused_sites"] == 1
     names = [n.name for n in g.graph.nodes if n.op == "placeholder"]
     assert {"cache_self_attn0", "cache_mlp0", "stale_mlp0", "k_mlp0", "score"} <= set(names)
+    assert set(v.inputs) == {StateInput(Buffer("self_attn0", "value")), StateInput(Buffer("self_attn0", "stale")),
+                             StateInput(Buffer("mlp0", "value")), StateInput(Buffer("mlp0", "stale")),
+                             ScoreInput(0), TokenCount("mlp0")}
 
 
 def test_pixart_partial_attention_keeps_fused_sdpa_with_all_keys():
@@ -89,7 +91,7 @@ def test_pixart_partial_attention_keeps_fused_sdpa_with_all_keys():
     toca_fx.transform(model, self_attention="partial")
     _pixart_call(model)
     e = _entry(model)
-    v = partial_variant(e, {s.name: "partial" for s in e.sites}, True, model._toca_fx.config)
+    v = e.variant({s.name: "partial" for s in e.sites}, True)
     g = v.gm
     sdpas = [n for n in g.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
     assert len(sdpas) == 2 and _ops(g, aten._softmax.default) == 0
@@ -114,7 +116,7 @@ def _one_dit_block():
 def test_partial_variant_skips_unselected_rows_numerically():
     """Rows not selected keep the cached value exactly; selected rows are recomputed."""
     model, e, blk = _one_dit_block()
-    v = partial_variant(e, {"self_attn0": "reuse", "mlp0": "partial"}, False, model._toca_fx.config)
+    v = e.variant({"self_attn0": "reuse", "mlp0": "partial"}, False)
     x = torch.randn(2, 16, 32)
     flat = [x, None, None, None, torch.tensor([5, 5]), None, torch.tensor([1, 2])]
     lifted = e.capture.lifted_values(blk)
@@ -124,14 +126,17 @@ def test_partial_variant_skips_unselected_rows_numerically():
     score = torch.zeros(2, 16)
     score[:, 3] = 1.0
     score[:, 7] = 0.9
-    extra = []
-    for role, site in v.extra_inputs:
-        extra.append({"cache": cache.get(site), "stale": stale, "score": score, "k": 2}[role])
+    stale_attn = torch.zeros(2, 16)
+    bound = {StateInput(Buffer("self_attn0", "value")): cache["self_attn0"], StateInput(Buffer("mlp0", "value")): cache["mlp0"],
+             StateInput(Buffer("self_attn0", "stale")): stale_attn, StateInput(Buffer("mlp0", "stale")): stale,
+             ScoreInput(0): score, TokenCount("mlp0"): 2}
+    extra = [bound[slot] for slot in v.inputs]
     with torch.no_grad():
         v.gm(*lifted, *flat, *extra)
     changed = (cache["mlp0"] != 123.0).any(-1)
     assert changed[:, [3, 7]].all() and changed.sum() == 4
     assert stale[:, [3, 7]].eq(0).all() and stale.sum() == 2 * 14
+    assert stale_attn.eq(1).all()                        # the reused branch's tokens are one call staler
 
 
 # -- negative cases --------------------------------------------------------------------------
@@ -146,9 +151,9 @@ def test_escaping_branch_output_is_not_cached():
     e = _entry(model)
     mlp = [s for s in e.sites if s.kind == "mlp"]
     assert len(mlp) == 1 and not mlp[0].cacheable
-    assert "escapes" in mlp[0].reason
-    assert "escapes" in str(toca_fx.explain(model))
-    assert e.fresh.extra_outputs == [("value", "self_attn0"), ("received", None)]
+    assert mlp[0].refusal.code == "escapes" and mlp[0].refusal.stage == "analyse"
+    assert mlp[0].reason in str(toca_fx.explain(model))
+    assert e.fresh.outputs == (StateOutput(Buffer("self_attn0", "value")), ScoreOutput("received"))
     assert st_actions(model, mlp[0].name) == {"fresh", "compute"}
     # the attention site is still cached: partial calls reuse it
     assert st_actions(model, "self_attn0") == {"fresh", "reuse"}
@@ -173,8 +178,8 @@ def test_token_mixing_mlp_is_not_rewritten_token_wise():
     e = _entry(model)
     mix = [s for s in e.sites if s.kind == "other"]
     assert len(mix) == 1 and mix[0].cacheable and not mix[0].local
-    assert "contracts the token axis" in mix[0].reason
-    assert "contracts the token axis" in str(toca_fx.explain(model))
+    assert mix[0].refusal.code == "contracts-token-axis"
+    assert mix[0].reason in str(toca_fx.explain(model))
     # partial step: the mixing branch is computed in full, never gathered
     st = toca_fx.stats(model)
     assert all(d.get("full", 0) == 1 for k, d in st.sites.items() if k.endswith(mix[0].name))
@@ -186,7 +191,7 @@ def test_probe_refutes_a_false_locality_claim():
                                              torch.tensor([1, 2])]
     attn = e.sites[0]
     base = run_with_override(e.capture.gm, inputs, watch=[attn.value])
-    assert "changed token" in probe_site(e.capture.gm, inputs, attn, base)   # self-attention mixes tokens
+    assert probe_site(e.capture.gm, inputs, attn, base).code == "probe-refuted"   # self-attention mixes tokens
     mlp = e.sites[1]
     base = run_with_override(e.capture.gm, inputs, watch=[mlp.value])
     assert probe_site(e.capture.gm, inputs, mlp, base) is None
@@ -221,16 +226,16 @@ def test_partial_kv_variant_computes_every_projection_on_k_tokens():
     _dit_call(model)
     e = _entry(model)
     att = e.analysis.site("self_attn0")
-    assert len(att.kv_values) == 2 and att.kv_reason is None
-    assert [s for r, s in e.fresh.extra_outputs if r == "value"] == ["self_attn0", "self_attn0__kv0",
-                                                                       "self_attn0__kv1", "mlp0"]
-    v = partial_variant(e, {"self_attn0": "partial_kv", "mlp0": "partial"}, True, model._toca_fx.config)
+    assert len(att.kv.values) == 2 and att.kv_refusal is None
+    assert [s.buffer for s in e.fresh.outputs if isinstance(s, StateOutput)] == [
+        Buffer("self_attn0", "value"), Buffer("self_attn0", "kv0"), Buffer("self_attn0", "kv1"), Buffer("mlp0", "value")]
+    v = e.variant({"self_attn0": "partial_kv", "mlp0": "partial"}, True)
     g = v.gm
     sdpa = [n for n in g.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
     assert len(sdpa) == 1
     # keys and values: the caches after the recomputed rows were scattered in
     for arg, i in zip(sdpa[0].args[1:3], (0, 1)):
-        assert arg.target == aten.scatter_.src and arg.args[0].name == f"cache_self_attn0__kv{i}"
+        assert arg.target == aten.scatter_.src and arg.args[0].name == f"cache_self_attn0_kv{i}"
     # every linear of the branches reads gathered rows (none runs on all tokens): q, k, v, out + 2 MLP
     gathered, stack = set(), [n for n in g.graph.nodes if n.target == aten.gather.default]
     while stack:
@@ -243,7 +248,7 @@ def test_partial_kv_variant_computes_every_projection_on_k_tokens():
     stream = [n for n in g.graph.nodes if n.op == "placeholder"][len(e.capture.lifted) + e.stream_index]
     assert not any(n not in gathered and stream in n.all_input_nodes for n in linears)
     assert _ops(g, aten.gather.default) == 2 and _ops(g, aten.scatter_.src) == 4
-    assert {r for r, _ in v.extra_inputs} == {"cache", "stale", "score", "k"}
+    assert {type(s) for s in v.inputs} == {StateInput, ScoreInput, TokenCount}
 
 
 class _KeySideShared(nn.Module):
@@ -279,6 +284,6 @@ def test_partial_kv_refused_when_the_key_side_feeds_another_branch():
                                   atol=1e-5)
     sites = {s.name: s for s in toca_fx.explain(net).sites}
     assert sites["self_attn0"].token_wise and sites["self_attn0"].kv.startswith("layer_norm")
-    assert "also read by" in sites["self_attn0"].kv and "partial-kv: no" in str(toca_fx.explain(net))
-    (e,) = net._toca_fx.entries.values()
+    assert sites["self_attn0"].kv_refusal.code == "read-outside" and "partial-kv: no" in str(toca_fx.explain(net))
+    e = program(net)
     assert {v.actions["self_attn0"] for v in e.partials.values()} == {"partial"}

@@ -9,6 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import toca_fx
+from conftest import programs
+from toca_fx.passes.bindings import Buffer, StateInput, TokenCount
 from zoo import ZOO
 
 EXACT = dict(interval=2, fresh_ratio=1.0, ratio_schedule="constant", self_attention="partial")
@@ -67,7 +69,7 @@ def test_exact_over_consecutive_calls(zoo_model, overrides):
     if overrides.get("interval") == 2:
         assert st.calls == {"fresh": 2, "partial": 1}
     if overrides.get("self_attention") == "partial-kv":
-        used = sorted({s for e in m._toca_fx.entries.values() for v in e.partials.values()
+        used = sorted({s for e in toca_fx.explain(m).programs for v in e.partials.values()
                        for s, a in v.actions.items() if a == "partial_kv"})
         assert used == KV_SITES[name]
 
@@ -105,15 +107,12 @@ def test_partial_calls_cost_fewer_flops(zoo_model):
                 m(**inputs(step))
             flops.append(fc.get_total_flops())
     assert flops[1] < 0.97 * flops[0], (name, flops)
-    ctl = m._toca_fx
-    from toca_fx.runtime.entry import fresh_flops, variant_flops
-    for key, e in ctl.entries.items():
-        if e.failed:
+    for e, block in programs(m):
+        if e.failed is not None:
             continue
-        rt = next(rt for rt in ctl.blocks if key in rt.entry_keys)
         for v in e.partials.values():
-            ks = {s: e.analysis.site(s).n_tokens // 10 for r, s in v.extra_inputs if r == "k"}
-            assert variant_flops(e, v, rt.module, ks) < fresh_flops(e, rt.module), (name, e.cls_name)
+            ks = {s.site: e.analysis.site(s.site).n_tokens // 10 for s in v.inputs if isinstance(s, TokenCount)}
+            assert e.variant_flops(v, block, ks) < e.fresh_flops(block), (name, e.cls_name)
 
 
 def test_pass_changes_no_parameter_and_no_state_dict_entry(zoo_model):
@@ -145,12 +144,12 @@ def test_parallel_block_recomputes_mlp_half_with_cached_attention_rows():
         out = _out(m(**inputs(0)))
         ref = _out(model(**inputs(0)))
     assert _rel(out, ref) <= 1e-5
-    (e,) = [e for e in m._toca_fx.entries.values() if e.cls_name == "FluxSingleTransformerBlock"]
+    (e,) = [e for e in toca_fx.explain(m).programs if e.cls_name == "FluxSingleTransformerBlock"]
     (site,) = e.sites
-    assert site.kind == "parallel" and len(site.attn_values) == 1
+    assert site.kind == "parallel" and len(site.parallel.attn_values) == 1
     (v,) = e.partials.values()
     assert v.actions == {"parallel0": "partial_mlp"}
     ops = [n.target for n in v.gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.scaled_dot_product_attention.default not in ops      # attention rows from the cache
     assert ops.count(torch.ops.aten.gather.default) == 2                        # stream input + attention rows
-    assert ("cache", "parallel0__attn0") in v.extra_inputs
+    assert StateInput(Buffer("parallel0", "attn0")) in v.inputs

@@ -8,9 +8,10 @@ Example::
     toca_fx.remove(model)
 """
 
-from .api import explain, generation, remove, reset, stats, transform
+from .api import explain, generation, is_transformed, remove, reset, stats, transform
 from .config import PRESETS, ToCaConfig
-from .errors import ToCaError
+from .errors import Refusal, ToCaError
 
-__all__ = ["transform", "remove", "reset", "explain", "stats", "generation", "ToCaConfig", "ToCaError", "PRESETS"]
+__all__ = ["transform", "remove", "reset", "explain", "stats", "generation", "is_transformed", "ToCaConfig",
+           "ToCaError", "Refusal", "PRESETS"]
 __version__ = "0.1.0"

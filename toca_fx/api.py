@@ -88,7 +88,7 @@ def transform(model, config: ToCaConfig | str | dict | None = None, **overrides)
         model.register_forward_pre_hook(lambda m, a, k: ctl.begin_call(a, k), with_kwargs=True),
         model.register_forward_hook(lambda m, a, k, out: _after_call(m, ctl), with_kwargs=True, always_call=True),
     ]
-    ctl.has_context = diffusers_context.attach(model, ctl)
+    diffusers_context.attach(model, ctl)
     model.__dict__[_ATTR] = ctl
     log.info("toca_fx: %d block list(s): %s", len(lists), ", ".join(f"{b.name} x{len(b)}" for b in lists))
     return model
@@ -100,10 +100,10 @@ def _after_call(model, ctl: Controller) -> None:
         return
     ctl._first_call_checked = True
     for bl in ctl.lists:
-        entries = [ctl.entries[k] for rt in ctl.blocks if rt.blist is bl for k in rt.entry_keys]
-        if entries and all(e.failed and e.analysis is not None and not e.analysis.has_attention for e in entries):
-            bl.rejected = entries[0].failed
-    if all(bl.rejected for bl in ctl.lists):
+        programs = [ctl.programs[k] for rt in ctl.blocks if rt.blist is bl for k in rt.program_keys]
+        if programs and all(p.failed is not None and p.analysis is not None and not p.analysis.has_attention for p in programs):
+            bl.rejected = programs[0].failed
+    if all(bl.rejected is not None for bl in ctl.lists):
         reasons = "; ".join(f"{bl.name or '<root>'} ({bl.cls.__name__}): {bl.rejected}" for bl in ctl.lists)
         remove(model)
         raise ToCaError(f"no transformer blocks in {type(model).__name__}: every candidate block list was rejected: "
@@ -128,6 +128,18 @@ def remove(model):
         del model._modules[STATE_NAME]
     diffusers_context.detach(model)
     return model
+
+
+def is_transformed(model) -> bool:
+    """Whether ``toca_fx.transform`` was applied to ``model`` (a module or a pipeline) and not removed.
+
+    Example::
+
+        toca_fx.is_transformed(pipe.transformer)    # False
+        toca_fx.transform(pipe); toca_fx.is_transformed(pipe)    # True
+    """
+    target = model.transformer if _is_pipeline(model) else model
+    return isinstance(target, nn.Module) and _ATTR in target.__dict__
 
 
 def reset(model, stats: bool = False) -> None:

@@ -6,10 +6,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-RATIO_SCHEDULES = ("constant", "toca-ddim50", "toca-ddpm250", "toca-pixart")
+from .passes.scores import SCORES as _SCORE_REGISTRY
+from .runtime.schedule import SCHEDULES as _SCHEDULE_REGISTRY
+
+# allowed values come from the registries that implement them
+RATIO_SCHEDULES = tuple(_SCHEDULE_REGISTRY)
+SCORES = tuple(_SCORE_REGISTRY)
 SELF_ATTENTION_MODES = ("reuse", "partial", "partial-kv")
-SCORES = ("toca", "v-norm", "k-norm", "random", "staleness")
 CACHE_DTYPES = (None, "float32", "bfloat16", "float16")
+CYCLES = ("partial", "duca")
+FORECAST_VARIABLES = ("step", "timestep")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,30 @@ class ToCaConfig:
     k_buckets: int | None = None
     """Round k up to one of this many sizes per site (fewer compiled shapes); None: 8 when
     ``compile`` is set, else exact k."""
+    warmup: int = 1
+    """Fresh calls at the start of every generation (TaylorSeer's ``first_enhance``: 2)."""
+    forecast_order: int | None = None
+    """TaylorSeer: on non-fresh steps forecast each branch output from a Taylor expansion of this
+    order (m + 1 stored tensors per site) instead of reusing it; with ``fresh_ratio`` > 0 the
+    selected tokens are computed and the others forecast (token-wise forecasting). None: reuse."""
+    forecast_variable: str = "step"
+    """The expansion variable: "step" (the call index, as TaylorSeer's code) or "timestep"
+    (the scheduler's timestep, read on the host once per call)."""
+    fresh_steps: tuple | None = None
+    """Explicit fresh call indices of each generation (e.g. an official schedule written down); the
+    warm-up calls are fresh too. None: the interval rule."""
+    fresh_align: str = "start"
+    """Where the fresh steps sit when the generation's length is known: "start" (every ``interval``
+    calls after the warm-up) or "end" (every ``interval`` calls counted back from the last call, so
+    the final calls, where a sampler settles the details, are fresh)."""
+    cycle: str = "partial"
+    """What the calls between fresh steps do: "partial" (token-wise by the ratio schedule) or "duca"
+    (DuCa: odd offsets from the last fresh step token-wise, even offsets aggressive: every branch
+    reused or forecast)."""
+    adaptive_threshold: float | None = None
+    """Adaptive fresh steps: a call is fresh when the accumulated relative L1 change of the first
+    block's input since the last fresh call reaches this; ``interval`` is then the most calls
+    between fresh ones. None: fresh every ``interval`` calls."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> None:
@@ -94,6 +124,38 @@ class ToCaConfig:
             bad("cache_dtype", f"one of {CACHE_DTYPES}")
         if self.k_buckets is not None and (not isinstance(self.k_buckets, int) or self.k_buckets < 1):
             bad("k_buckets", "None or an integer >= 1")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 1:
+            bad("warmup", "an integer >= 1")
+        if self.forecast_order is not None and (not isinstance(self.forecast_order, int)
+                                                or isinstance(self.forecast_order, bool) or not 0 <= self.forecast_order <= 8):
+            bad("forecast_order", "None or an integer in [0, 8]")
+        if self.forecast_order is not None and self.self_attention == "partial-kv":
+            bad("forecast_order", "None with self_attention='partial-kv' (its key/value caches are not forecast)")
+        if self.score == "forecast-error" and not self.forecast_order:
+            bad("score", "'forecast-error' only with forecast_order >= 1 (it ranks tokens by their forecast's last term)")
+        if self.forecast_variable not in FORECAST_VARIABLES:
+            bad("forecast_variable", f"one of {FORECAST_VARIABLES}")
+        if self.fresh_steps is not None:
+            if isinstance(self.fresh_steps, list):
+                object.__setattr__(self, "fresh_steps", tuple(self.fresh_steps))
+            if not isinstance(self.fresh_steps, tuple) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.fresh_steps):
+                bad("fresh_steps", "None or a tuple of call indices >= 0")
+        if self.fresh_align not in ("start", "end"):
+            bad("fresh_align", "'start' or 'end'")
+        if self.cycle not in CYCLES:
+            bad("cycle", f"one of {CYCLES}")
+        if self.adaptive_threshold is not None and (not isinstance(self.adaptive_threshold, (int, float))
+                                                    or isinstance(self.adaptive_threshold, bool)
+                                                    or not self.adaptive_threshold > 0
+                                                    or self.adaptive_threshold == float("inf")):
+            bad("adaptive_threshold", "None or a finite number > 0")
+
+    # -- defaults that depend on other fields, resolved in one place ---------------------------
+    @property
+    def resolved_k_buckets(self) -> int | None:
+        """k bucket count in force: ``k_buckets``, or 8 under ``compile`` (few compiled shapes)."""
+        return self.k_buckets if self.k_buckets is not None else (8 if self.compile else None)
 
     # -- presets and round-trips ------------------------------------------------------------
     @classmethod

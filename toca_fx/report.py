@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .runtime.entry import fresh_flops, original_flops, variant_flops
+from .errors import Refusal
 
 
 @dataclass
@@ -21,6 +21,8 @@ class SiteReport:
     reason: str | None
     probe: str
     kv: str = "-"          # "yes": self_attention="partial-kv" can cache its keys/values; else why not
+    refusal: Refusal | None = None        # code + message of ``reason``
+    kv_refusal: Refusal | None = None     # code + message of ``kv`` when not "yes"
 
 
 @dataclass
@@ -32,6 +34,7 @@ class EntryReport:
     status: str
     reason: str | None
     sites: list[SiteReport] = field(default_factory=list)
+    refusal: Refusal | None = None        # code + message of ``reason``
     seconds: dict = field(default_factory=dict)
     variants: int = 0
     compiled: int = 0
@@ -40,12 +43,26 @@ class EntryReport:
 
 @dataclass
 class Explanation:
-    """What ``toca_fx.explain(model)`` returns; ``str()`` of it is a readable table."""
+    """What ``toca_fx.explain(model)`` returns; ``str()`` of it is a readable table.
+
+    ``programs`` are the live ``BlockProgram``s (one per block class and input signature, in the
+    order of ``entries``): their ``analysis.sites``, ``fresh`` and ``partials`` variant graphs (each
+    with ``gm``, ``inputs`` / ``outputs`` binding slots and ``counts``), ``variant(actions, paired)``
+    to build one, and ``stages`` (the pipeline's seconds / counts / refusals). That is the
+    inspection seam tests and tools use instead of private attributes.
+    """
 
     lists: list[dict]
     entries: list[EntryReport]
     notes: list[str]
     config: dict
+    programs: list = field(default_factory=list)
+
+    @property
+    def refusals(self) -> list[Refusal]:
+        """Every refusal of every stage of every program, and of the block lists."""
+        out = [r for p in self.programs for rec in p.stages.values() for r in rec.refusals]
+        return out
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -56,7 +73,7 @@ class Explanation:
                                         if k in ("interval", "fresh_ratio", "ratio_schedule", "self_attention", "score", "compile"))]
         lines.append("block lists:")
         for bl in self.lists:
-            status = f"REJECTED: {bl['rejected']}" if bl["rejected"] else "transformed"
+            status = f"REJECTED: {bl['rejected']}" if bl["rejected"] is not None else "transformed"
             lines.append(f"  {bl['name'] or '<root>'}: {bl['count']} x {bl['class']} ({status})")
         if not self.entries:
             lines.append("  (not captured yet: blocks are captured on the first forward call)")
@@ -88,24 +105,27 @@ def _sig_str(sig) -> str:
 
 
 def build_explanation(ctl) -> Explanation:
-    lists = [dict(name=bl.name, count=len(bl), cls=bl.cls, **{"class": bl.cls.__name__}, rejected=bl.rejected)
-             for bl in ctl.lists]
+    lists = [dict(name=bl.name, count=len(bl), cls=bl.cls, **{"class": bl.cls.__name__},
+                  rejected=str(bl.rejected) if bl.rejected is not None else None) for bl in ctl.lists]
     entries = []
-    for key, e in ctl.entries.items():
-        blocks = [rt.qualname for rt in ctl.blocks if key in rt.entry_keys]
-        rep = EntryReport(block_class=e.cls_name, blocks=blocks, signature=_sig_str(key[-1]),
-                          method=e.capture.method if e.capture else None,
-                          status="unchanged" if e.failed else "rewritten", reason=e.failed,
-                          seconds=dict(e.seconds), variants=(1 if e.fresh else 0) + len(e.partials),
-                          compiled=len(e.compiled),
-                          notes=list(e.notes) + (list(e.analysis.notes) if e.analysis is not None else []))
-        for s in e.sites:
-            rep.sites.append(SiteReport(block_class=e.cls_name, name=s.name, kind=s.kind, module=s.module,
+    for key, p in ctl.programs.items():
+        blocks = [rt.qualname for rt in ctl.blocks if key in rt.program_keys]
+        rep = EntryReport(block_class=p.cls_name, blocks=blocks, signature=_sig_str(key[-1]),
+                          method=p.capture.method if p.capture else None,
+                          status="unchanged" if p.failed is not None else "rewritten",
+                          reason=str(p.failed) if p.failed is not None else None, refusal=p.failed,
+                          seconds={name: r.seconds for name, r in p.stages.items()}, variants=len(p.variants),
+                          compiled=len(p.compiled),
+                          notes=list(p.notes) + (list(p.analysis.notes) if p.analysis is not None else []))
+        for s in p.sites:
+            rep.sites.append(SiteReport(block_class=p.cls_name, name=s.name, kind=s.kind, module=s.module,
                                         token_axis=s.axes.token, tokens=s.n_tokens, cached=s.cacheable,
                                         token_wise=s.local, reason=s.reason, probe=s.probe,
-                                        kv="yes" if s.kv_values else (s.kv_reason or "-")))
+                                        kv="yes" if s.kv is not None else (s.kv_refusal.message if s.kv_refusal is not None else "-"),
+                                        refusal=s.refusal, kv_refusal=s.kv_refusal))
         entries.append(rep)
-    return Explanation(lists=lists, entries=entries, notes=list(ctl.discovery_notes), config=ctl.config.to_dict())
+    return Explanation(lists=lists, entries=entries, notes=list(ctl.discovery_notes), config=ctl.config.to_dict(),
+                       programs=list(ctl.programs.values()))
 
 
 @dataclass
@@ -119,6 +139,12 @@ class Stats:
     flops_original: int
     flops_actual: int
     generations: int
+    flops_score: int = 0                           # of flops_actual: the score's attention maps on fresh calls
+    records: dict = field(default_factory=dict)   # CallRecord (program, block, variant, ks) -> calls
+    timestep_reads: int = 0                        # timestep tensors read on the host
+    paired: bool | None = None                     # CFG halves detected in one batch (None: no call yet)
+    branches: dict = field(default_factory=dict)   # CFG branch -> {"step": calls so far, "last_fresh": step}
+    num_steps: int | None = None                   # calls per branch of the current generation, if known
 
     @property
     def flops_ratio(self) -> float:
@@ -131,9 +157,12 @@ class Stats:
         lines = [f"toca_fx stats: {self.calls.get('fresh', 0)} fresh / {self.calls.get('partial', 0)} partial model calls, "
                  f"{self.generations} generation(s)",
                  f"  transformer-block FLOPs: {self.flops_original / 1e9:.3f} G original -> {self.flops_actual / 1e9:.3f} G "
-                 f"({self.flops_ratio:.2f}x)", f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]
+                 f"({self.flops_ratio:.2f}x)",
+                 f"  of which the token score on fresh calls: {self.flops_score / 1e9:.3f} G "
+                 f"({self.flops_score / max(self.flops_actual, 1):.1%})",
+                 f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]
         w = max([len(n) for n in self.sites] + [4])
-        lines.append(f"  {'site':<{w}} {'fresh':>6} {'partial':>7} {'reuse':>6} {'full':>5}  "
+        lines.append(f"  {'site':<{w}} {'fresh':>6} {'partial':>7} {'reuse':>6} {'fcast':>6} {'full':>5}  "
                      "tokens computed (all calls / partial calls)")
         for name, d in self.sites.items():
             frac = d["tokens"] / d["of"] if d["of"] else 0.0
@@ -141,7 +170,7 @@ class Stats:
             p_of = d["of"] - fresh_tokens
             p_frac = (d["tokens"] - fresh_tokens) / p_of if p_of else 0.0
             lines.append(f"  {name:<{w}} {d.get('fresh', 0):>6} {d.get('partial', 0):>7} {d.get('reuse', 0):>6} "
-                         f"{d.get('full', 0):>5}  {frac:6.1%} / {p_frac:6.1%}")
+                         f"{d.get('forecast', 0):>6} {d.get('full', 0):>5}  {frac:6.1%} / {p_frac:6.1%}")
         return "\n".join(lines)
 
 
@@ -154,16 +183,18 @@ def build_stats(ctl) -> Stats:
         for s, d in rt.site_stats.items():
             sites[f"{rt.qualname}.{s}"] = dict(d)
         cache += sum(st.nbytes() for st in rt.states.values())
-    f_orig = f_act = 0
-    for key, count in ctl.flop_log.items():
-        ekey, what, qual = key[0], key[1], key[2]
-        e = ctl.entries[ekey]
-        block = by_name[qual].module
-        f_orig += count * original_flops(e, block)
-        if what == "fresh":
-            f_act += count * fresh_flops(e, block)
+    f_orig = f_act = f_score = 0
+    for rec, count in ctl.flop_log.items():
+        p = ctl.programs[rec.program]
+        block = by_name[rec.block].module
+        f_orig += count * p.original_flops(block)
+        if rec.variant is None:
+            f_act += count * p.fresh_flops(block)
+            f_score += count * (p.fresh_flops(block) - p.original_flops(block))
         else:
-            v = next(v for v in e.partials.values() if id(v) == what[1])
-            f_act += count * variant_flops(e, v, block, dict(key[3]))
+            f_act += count * p.variant_flops(p.partials[rec.variant], block, dict(rec.ks))
     return Stats(calls=dict(ctl.calls), blocks=blocks, sites=sites, cache_bytes=cache,
-                 flops_original=f_orig, flops_actual=f_act, generations=ctl.generations)
+                 flops_original=f_orig, flops_actual=f_act, generations=ctl.generations, flops_score=f_score,
+                 records=dict(ctl.flop_log), timestep_reads=ctl.timestep_reads, paired=ctl.paired,
+                 branches={k: {"step": b.step, "last_fresh": b.last_fresh} for k, b in ctl.branches.items()},
+                 num_steps=ctl.num_steps)

@@ -7,15 +7,17 @@ module paths recorded by export are used only to label sites in ``explain``).
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
-from .axes import Axes, AxisInfo, NotLocal, propagate
+from ..errors import Refusal
+from .axes import Axes, NotLocal, propagate
 from .graph import packet, shape, to_nx
 from .residual import SpineError, find_streams, joint_root, residual_adds
-from .sites import BlockAnalysis, Site
+from .sites import BlockAnalysis, KeyValueSide, ParallelSplit, Region, Site
 
 aten = torch.ops.aten
 _ATTENTION = {aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
@@ -90,13 +92,14 @@ def analyze_block(gm: fx.GraphModule, n_lifted: int) -> BlockAnalysis:
     graph = gm.graph
     res.has_attention = graph_has_attention(graph)
     if not res.has_attention:
-        res.rejected = "no attention (scaled_dot_product_attention or softmax(QK^T)V) in the captured graph"
+        res.rejected = Refusal("no-attention", "no attention (scaled_dot_product_attention or softmax(QK^T)V) "
+                               "in the captured graph")
         return res
     g = to_nx(graph)
     try:
         pairs = find_streams(gm, n_lifted, g)
     except SpineError as exc:
-        res.rejected = f"no residual stream: {exc}"
+        res.rejected = Refusal("no-stream", f"no residual stream: {exc}")
         return res
     streams, roots = [], set()
     for x0, out in pairs:
@@ -115,14 +118,15 @@ def analyze_block(gm: fx.GraphModule, n_lifted: int) -> BlockAnalysis:
     res.streams = streams
     res.n_tokens = shape(streams[0].input)[1] if streams else shape(pairs[0][0])[1]
     if not any(st.adds for st in streams):
-        res.rejected = "no residual branch found on the stream"
+        res.rejected = Refusal("no-branch", "no residual branch found on the stream")
         return res
+    all_nodes = list(graph.nodes)
     for si, st in enumerate(streams):
         spine_nodes = set(st.nodes)
         n_tokens = shape(st.input)[1]
         counts: dict[str, int] = {}
         for ra in st.adds:
-            site = _build_site(g, ra, st.input, spine_nodes, n_tokens, res)
+            site = _build_site(g, ra, spine_nodes, n_tokens, all_nodes, res.notes)
             if site is None:
                 continue
             idx = counts.get(site.kind, 0)
@@ -131,12 +135,49 @@ def analyze_block(gm: fx.GraphModule, n_lifted: int) -> BlockAnalysis:
             site.stream = si
             res.sites.append(site)
     if not res.sites:
-        res.rejected = "no residual branch reads the stream"
+        res.rejected = Refusal("no-branch", "no residual branch reads the stream")
     return res
 
 
-def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | None:
-    branch = ra.branch
+@dataclass
+class _Branch:
+    """What the steps of ``_build_site`` share about one residual branch."""
+
+    g: nx.DiGraph
+    all_nodes: list                     # the graph's nodes in topological order
+    n_tokens: int
+    x_in: fx.Node = None                # the stream value the branch reads
+    value: fx.Node = None               # F
+    gate: fx.Node | None = None
+    token_nodes: set = field(default_factory=set)    # nodes between x_in and F that carry its tokens
+    order: list = field(default_factory=list)        # token_nodes in topological order
+    axes: dict = field(default_factory=dict)         # node -> Axes
+    infos: dict = field(default_factory=dict)        # node -> AxisInfo
+    failed: dict = field(default_factory=dict)       # node -> Refusal (no axes)
+    mixing: list = field(default_factory=list)       # key/value inputs of token-mixing ops
+    full: set = field(default_factory=set)           # key/value inputs the query region reads (all tokens)
+
+
+def _build_site(g, ra, spine_nodes, n_tokens, all_nodes, notes: list) -> Site | None:
+    """One residual add -> its site, in named steps over one branch context."""
+    br = _Branch(g, all_nodes, n_tokens)
+    if not _branch_nodes(br, ra, spine_nodes, notes):
+        return None
+    _token_axes(br)
+    site = _classify(br, ra)
+    if not _check_cacheable(br, site, ra):
+        return site
+    _query_region(br, site)
+    if site.local and br.full:
+        _key_value_side(br, site)
+    if site.local and site.kind == "parallel":
+        _split_parallel(br, site)
+    return site
+
+
+def _branch_nodes(br: _Branch, ra, spine_nodes: set, notes: list) -> bool:
+    """The stream value the branch reads, F (the gate peeled off) and the token-carrying nodes between."""
+    g, branch = br.g, ra.branch
     anc = nx.ancestors(g, branch) | {branch}
     # nodes computed only for this branch: not needed to reach any stream value it depends on
     own = set(anc)
@@ -145,84 +186,104 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
             own -= nx.ancestors(g, s) | {s}
     read_spine = [s for s in spine_nodes if s in anc and any(u in own for u in s.users)]
     if not read_spine:
-        res.notes.append(f"{ra.add.name}: added value does not depend on the stream (not a branch)")
-        return None
+        notes.append(f"{ra.add.name}: added value does not depend on the stream (not a branch)")
+        return False
     if len(read_spine) > 1:
         names = ", ".join(sorted(s.name for s in read_spine))
-        res.notes.append(f"{ra.add.name}: branch reads several stream values ({names}); left unchanged")
-        return None
+        notes.append(f"{ra.add.name}: branch reads several stream values ({names}); left unchanged")
+        return False
     x_in = read_spine[0]
-    token_nodes = (nx.descendants(g, x_in) & anc) | {x_in}
-    value, gate = _peel_gate(branch, token_nodes)
+    value, gate = _peel_gate(branch, (nx.descendants(g, x_in) & anc) | {x_in})
     if value is x_in:
-        return None
-    token_nodes = (nx.descendants(g, x_in) & (nx.ancestors(g, value) | {value})) | {x_in}
-    # -- token axes, in topological order --------------------------------------------------
-    order = [n for n in value.graph.nodes if n in token_nodes]
-    axes: dict[fx.Node, Axes] = {x_in: Axes(0, 1)}
-    infos: dict[fx.Node, AxisInfo] = {}
-    failed: dict[fx.Node, str] = {}
-    for n in order:
-        if n is x_in:
+        return False
+    br.x_in, br.value, br.gate = x_in, value, gate
+    br.token_nodes = (nx.descendants(g, x_in) & (nx.ancestors(g, value) | {value})) | {x_in}
+    br.order = [n for n in br.all_nodes if n in br.token_nodes]
+    return True
+
+
+def _token_axes(br: _Branch) -> None:
+    """Token axes of every token-carrying node, in topological order (``failed``: why none)."""
+    br.axes = {br.x_in: Axes(0, 1)}
+    for n in br.order:
+        if n is br.x_in:
             continue
-        bad = [a for a in n.all_input_nodes if a in token_nodes and a not in axes]
+        bad = [a for a in n.all_input_nodes if a in br.token_nodes and a not in br.axes]
         if bad:
-            failed[n] = failed.get(bad[0], f"depends on {bad[0].name}")
+            br.failed[n] = br.failed.get(bad[0], Refusal("depends-on-non-local", f"depends on {bad[0].name}",
+                                                         node=n.name))
             continue
         try:
-            info = propagate(n, axes, n_tokens)
+            info = propagate(n, br.axes)
         except NotLocal as exc:
-            failed[n] = str(exc)
+            br.failed[n] = exc.refusal
             continue
-        infos[n] = info
+        br.infos[n] = info
         if info.out is not None:
-            axes[n] = info.out
-    attention_nodes = [n for n in order if is_attention(n) or packet(n) in (aten.softmax, aten._softmax)]
-    mixing = [m for n in order if n in infos for m in infos[n].mixing_inputs]
+            br.axes[n] = info.out
+    br.mixing = [m for n in br.order if n in br.infos for m in br.infos[n].mixing_inputs]
     # keys/values that depend on the stream make it self-attention even where their axes were lost
-    mixing += [a for n in order if is_attention(n) for a in n.args[1:3] if isinstance(a, fx.Node) and a in token_nodes]
-    if mixing:
-        joint = any(_joins_other_stream(g, m, token_nodes - {x_in}) for m in mixing)
+    br.mixing += [a for n in br.order if is_attention(n) for a in n.args[1:3]
+                  if isinstance(a, fx.Node) and a in br.token_nodes]
+
+
+def _classify(br: _Branch, ra) -> Site:
+    """The branch's kind (where its attention's keys and values come from) and its module label."""
+    g, order = br.g, br.order
+    attention_nodes = [n for n in order if is_attention(n) or packet(n) in (aten.softmax, aten._softmax)]
+    if br.mixing:
+        joint = any(_joins_other_stream(g, m, br.token_nodes - {br.x_in}) for m in br.mixing)
         kind = "joint_attn" if joint else "self_attn"
         # attention and a token-wise path (MLP) side by side into one output: a parallel block
-        if not joint and nx.has_path(g.subgraph(token_nodes - set(attention_nodes)), x_in, value):
+        if not joint and nx.has_path(g.subgraph(br.token_nodes - set(attention_nodes)), br.x_in, br.value):
             kind = "parallel"
     elif attention_nodes:
         kind = "cross_attn"
-    elif value in axes and not failed:
+    elif br.value in br.axes and not br.failed:
         kind = "mlp"
     else:
         kind = "other"
     attn = next((n for n in order if is_attention(n)), None)
-    all_nodes = list(value.graph.nodes)
-    weighted = [n for n in order if n is not x_in and packet(n) in (aten.linear, aten.matmul, aten.conv1d, aten.addmm)]
-    module = _common_module([attn] if attn is not None else (weighted or [n for n in order if n is not x_in]))
-    site = Site(name="", kind=kind, module=module, add=ra.add, value=value, gate=gate, stream_in=x_in,
-                axes=axes.get(value, Axes(0, 1)), n_tokens=n_tokens, attention=attn)
+    weighted = [n for n in order if n is not br.x_in and packet(n) in (aten.linear, aten.matmul, aten.conv1d, aten.addmm)]
+    module = _common_module([attn] if attn is not None else (weighted or [n for n in order if n is not br.x_in]))
+    site = Site(name="", kind=kind, module=module, add=ra.add, value=br.value, gate=br.gate, stream_in=br.x_in,
+                axes=br.axes.get(br.value, Axes(0, 1)), n_tokens=br.n_tokens, attention=attn)
     if kind == "joint_attn" and attn is not None:
-        site.key_segment = _key_segment(g, attn, token_nodes)
-    # -- may F be reused? (its value must flow only into the residual add) -----------------
-    allowed_users = {gate and _gate_mul(value, gate), ra.add} - {None}
-    escapes = [u for u in value.users if u not in allowed_users]
+        site.key_segment = _key_segment(g, attn, br.token_nodes)
+    return site
+
+
+def _check_cacheable(br: _Branch, site: Site, ra) -> bool:
+    """F may be cached only when it flows into nothing but its gate and residual add."""
+    allowed_users = {br.gate and _gate_mul(br.value, br.gate), ra.add} - {None}
+    escapes = [u for u in br.value.users if u not in allowed_users]
     if escapes:
         site.cacheable = False
-        site.reason = f"branch output {value.name} escapes to {escapes[0].name} outside the residual add"
-        return site
-    if value not in axes:
-        site.reason = f"not token-local: {failed.get(value, 'output carries no token axis')}"
-        return site
-    # -- region computed on k tokens: the query side, never the key/value side --------------
+        site.refusal = Refusal("escapes", f"branch output {br.value.name} escapes to {escapes[0].name} "
+                               "outside the residual add", node=br.value.name)
+        return False
+    if br.value not in br.axes:
+        inner = br.failed.get(br.value)
+        if inner is None:
+            inner = Refusal("no-token-axis", "output carries no token axis", node=br.value.name)
+        site.refusal = inner.wrap("not token-local: ")
+        return False
+    return True
+
+
+def _query_region(br: _Branch, site: Site) -> None:
+    """The region computed on k tokens: the query side, never the key/value side (``br.full``)."""
     region: set[fx.Node] = set()
     full: set[fx.Node] = set()
-    stack = [value]
+    stack = [br.value]
     while stack:
         n = stack.pop()
-        if n in region or n is x_in:
+        if n in region or n is br.x_in:
             continue
         region.add(n)
-        info = infos.get(n)
+        info = br.infos.get(n)
         for a in n.all_input_nodes:
-            if a not in token_nodes or a is x_in:
+            if a not in br.token_nodes or a is br.x_in:
                 continue
             if info is not None and a in info.mixing_inputs:
                 full.add(a)
@@ -230,49 +291,47 @@ def _build_site(g, ra, x0, spine_nodes, n_tokens, res: BlockAnalysis) -> Site | 
             stack.append(a)
     full_closure = set(full)
     for f in full:
-        full_closure |= nx.ancestors(g, f) & token_nodes
+        full_closure |= nx.ancestors(br.g, f) & br.token_nodes
     region -= full_closure
     # an item of a multi-output node computed for all tokens is itself a boundary (lists cannot be gathered)
     region -= {n for n in region if n.target is operator.getitem and n.args[0] not in region}
-    boundary, why = _region_inputs(region, value, token_nodes, axes, infos, failed, all_nodes)
-    if why:
-        site.reason = why
-        return site
-    site.region = [n for n in all_nodes if n in region]
-    site.boundary = boundary
-    site.region_axes = {n: axes[n] for n in region}
+    br.full = full
+    got = _region(br, region)
+    if not got:
+        site.refusal = got
+        return
+    site.region = got
+    site.region_axes = {n: br.axes[n] for n in region}
     site.local = True
-    if full:
-        _key_value_side(site, g, token_nodes, axes, infos, failed, all_nodes)
-    if kind == "parallel":
-        _split_parallel(g, site, region, token_nodes, axes, infos, all_nodes)
-    return site
 
 
-def _region_inputs(nodes: set, value: fx.Node, token_nodes: set, axes: dict, infos: dict, failed: dict,
-                   all_nodes: list) -> tuple[dict | None, str | None]:
-    """Can ``nodes`` run on k tokens? (their boundary: token-carrying inputs to gather, None) or (None, why)."""
-    bad = [n for n in nodes if n in failed or n not in axes]
+def _region(br: _Branch, nodes: set) -> Region | Refusal:
+    """Can ``nodes`` run on k tokens? Their region (with the inputs to gather), or why not."""
+    bad = [n for n in nodes if n in br.failed or n not in br.axes]
     if bad:
-        first = min(bad, key=all_nodes.index)
-        return None, f"not token-local: {failed.get(first, first.name + ' carries no token axis')}"
+        first = min(bad, key=br.all_nodes.index)
+        inner = br.failed.get(first)
+        if inner is None:
+            inner = Refusal("no-token-axis", f"{first.name} carries no token axis", node=first.name)
+        return inner.wrap("not token-local: ")
     for n in nodes:
-        outside = [u for u in n.users if u not in nodes] if n is not value else []
+        outside = [u for u in n.users if u not in nodes] if n is not br.value else []
         if outside:
-            return None, f"{n.name} inside the branch is also read by {outside[0].name}"
+            return Refusal("read-outside", f"{n.name} inside the branch is also read by {outside[0].name}", node=n.name)
     boundary: dict = {}
     for n in nodes:
         for a in n.all_input_nodes:
-            if a in token_nodes and a not in nodes and a not in infos[n].mixing_inputs:
-                boundary[a] = axes[a]
-        for ext in infos[n].external:
+            if a in br.token_nodes and a not in nodes and a not in br.infos[n].mixing_inputs:
+                boundary[a] = br.axes[a]
+        for ext in br.infos[n].external:
             if ext.node in boundary and boundary[ext.node] != ext:
-                return None, f"per-token input {ext.node.name} is read with two different layouts"
+                return Refusal("two-layouts", f"per-token input {ext.node.name} is read with two different layouts",
+                               node=ext.node.name)
             boundary[ext.node] = ext
-    return boundary, None
+    return Region([n for n in br.all_nodes if n in nodes], boundary)
 
 
-def _key_value_side(site: Site, g, token_nodes: set, axes: dict, infos: dict, failed: dict, all_nodes: list) -> None:
+def _key_value_side(br: _Branch, site: Site) -> None:
     """For ``self_attention="partial-kv"``: the whole branch on k tokens, keys/values from caches.
 
     The attention's key/value inputs are cached (their token rows, like any branch output); on a
@@ -280,33 +339,34 @@ def _key_value_side(site: Site, g, token_nodes: set, axes: dict, infos: dict, fa
     scattered into the caches, and the selected queries attend over the whole caches. So the key/value
     side must be token-wise up to the attention, and the key/value inputs feed only the attention.
     """
-    both = token_nodes - {site.stream_in}
-    boundary, why = _region_inputs(both, site.value, token_nodes, axes, infos, failed, all_nodes)
-    if why:
-        site.kv_reason = why
+    both = br.token_nodes - {site.stream_in}
+    region = _region(br, both)
+    if not region:
+        site.kv_refusal = region
         return
-    mixing = {m for n in both for m in infos[n].mixing_inputs}
+    mixing = {m for n in both for m in br.infos[n].mixing_inputs}
     for m in mixing:
-        ax = axes.get(m)
+        ax = br.axes.get(m)
         if m is site.stream_in or ax is None or ax.batch is None or ax.merged is not None:
-            site.kv_reason = f"key/value input {m.name} has no separate batch and token axes to cache rows by"
+            site.kv_refusal = Refusal("kv-no-row-axes", f"key/value input {m.name} has no separate batch and token "
+                                      "axes to cache rows by", node=m.name)
             return
-        token_users = [u for u in m.users if u in both and m not in infos[u].mixing_inputs]
+        token_users = [u for u in m.users if u in both and m not in br.infos[u].mixing_inputs]
         if token_users:
-            site.kv_reason = f"key/value input {m.name} is also read token-wise by {token_users[0].name}"
+            site.kv_refusal = Refusal("kv-read-token-wise", f"key/value input {m.name} is also read token-wise by "
+                                      f"{token_users[0].name}", node=m.name)
             return
-        nested = [n for n in nx.ancestors(g, m) & both if infos[n].mixing_inputs]
+        nested = [n for n in nx.ancestors(br.g, m) & both if br.infos[n].mixing_inputs]
         if nested:
-            site.kv_reason = f"the key/value side mixes tokens itself at {nested[0].name}"
+            site.kv_refusal = Refusal("kv-nested-mixing", f"the key/value side mixes tokens itself at {nested[0].name}",
+                                      node=nested[0].name)
             return
-    site.kv_values = [n for n in all_nodes if n in mixing]
-    site.kv_region = [n for n in all_nodes if n in both]
-    site.kv_boundary = boundary
+    site.kv = KeyValueSide(values=[n for n in br.all_nodes if n in mixing], region=region)
     for n in both:
-        site.region_axes.setdefault(n, axes[n])
+        site.region_axes.setdefault(n, br.axes[n])
 
 
-def _split_parallel(g, site: Site, region: set, token_nodes: set, axes: dict, infos: dict, all_nodes: list) -> None:
+def _split_parallel(br: _Branch, site: Site) -> None:
     """For a parallel block, the part of the region that does not need attention this step.
 
     ToCa's FLUX port recomputes the MLP half of a parallel block for the selected tokens and
@@ -314,32 +374,31 @@ def _split_parallel(g, site: Site, region: set, token_nodes: set, axes: dict, in
     region (``attn_values``) are cached at fresh steps and gathered from the cache on partial
     steps; the query path and the attention itself drop out of the region.
     """
+    region = set(site.region.nodes)
     att = [n for n in region if is_attention(n)]
     # nodes fed by the attention alone (up to where it joins the token-wise path)
     att_side = set(att)
-    for n in all_nodes:
+    for n in br.all_nodes:
         if n in region and n not in att_side:
-            tok = [a for a in n.all_input_nodes if a in token_nodes]
+            tok = [a for a in n.all_input_nodes if a in br.token_nodes]
             if tok and all(a in att_side for a in tok):
                 att_side.add(n)
-    values = [n for n in all_nodes if n in att_side
+    values = [n for n in br.all_nodes if n in att_side
               and any(u in region and u not in att_side for u in n.users)]
     q_side = set(att_side)
     for a in att:
-        q_side |= nx.ancestors(g, a) & region
+        q_side |= nx.ancestors(br.g, a) & region
     rest = region - q_side
     if not values or not rest or site.value in q_side:
         return
     boundary = {}
     for n in rest:
         for a in n.all_input_nodes:
-            if a in token_nodes and a not in rest:
-                boundary[a] = axes[a]
-        for ext in infos[n].external:
+            if a in br.token_nodes and a not in rest:
+                boundary[a] = br.axes[a]
+        for ext in br.infos[n].external:
             boundary[ext.node] = ext
-    site.attn_values = values
-    site.mlp_region = [n for n in all_nodes if n in rest]
-    site.mlp_boundary = boundary
+    site.parallel = ParallelSplit(attn_values=values, region=Region([n for n in br.all_nodes if n in rest], boundary))
 
 
 def _key_segment(g, attn: fx.Node, token_nodes: set) -> tuple[int, int] | None:

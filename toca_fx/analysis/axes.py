@@ -21,13 +21,18 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ..errors import Refusal
 from .graph import packet, shape, val
 
 aten = torch.ops.aten
 
 
 class NotLocal(Exception):
-    """Output token i depends on more than input token i; the message says why."""
+    """Output token i depends on more than input token i; ``refusal`` says why (code and message)."""
+
+    def __init__(self, node: fx.Node, code: str, message: str):
+        self.refusal = Refusal(code, f"{node.name}: {message}", stage="analyse", node=node.name)
+        super().__init__(self.refusal.message)
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class AxisInfo:
     external: list[External] = field(default_factory=list)       # per-token inputs not from the stream
 
 
-Rule = Callable[[fx.Node, dict, int], AxisInfo]
+Rule = Callable[[fx.Node, dict], AxisInfo]
 RULES: dict[object, Rule] = {}
 
 
@@ -79,20 +84,20 @@ def _norm(d: int, ndim: int) -> int:
 def _single_input(node: fx.Node, axes: dict) -> tuple[fx.Node, Axes]:
     a = node.args[0]
     if not isinstance(a, fx.Node) or a not in axes:
-        raise NotLocal(f"{node.name}: first input is not token-carrying")
+        raise NotLocal(node, "not-token-input", "first input is not token-carrying")
     return a, axes[a]
 
 
 def _out_ndim(node: fx.Node) -> int:
     s = shape(node)
     if s is None:
-        raise NotLocal(f"{node.name}: no recorded shape")
+        raise NotLocal(node, "no-shape", "no recorded shape")
     return len(s)
 
 
 # -- broadcasting (pointwise) ------------------------------------------------------------------
 
-def _broadcast(node: fx.Node, axes: dict, n_tokens: int, inputs: list) -> AxisInfo:
+def _broadcast(node: fx.Node, axes: dict, inputs: list) -> AxisInfo:
     out_nd = _out_ndim(node)
     out_shape = shape(node)
     result: Axes | None = None
@@ -104,7 +109,7 @@ def _broadcast(node: fx.Node, axes: dict, n_tokens: int, inputs: list) -> AxisIn
             if result is None:
                 result = cand
             elif cand.token != result.token:
-                raise NotLocal(f"{node.name}: inputs carry tokens on different axes")
+                raise NotLocal(node, "token-axes-differ", "inputs carry tokens on different axes")
             elif result.batch is None:
                 result = cand
     if result is None:
@@ -117,9 +122,9 @@ def _broadcast(node: fx.Node, axes: dict, n_tokens: int, inputs: list) -> AxisIn
             d = result.token - off
             if 0 <= d < len(s) and s[d] != 1:
                 if s[d] != out_shape[result.token]:
-                    raise NotLocal(f"{node.name}: input {a.name} has size {s[d]} on the token axis")
+                    raise NotLocal(node, "token-size-mismatch", f"input {a.name} has size {s[d]} on the token axis")
                 if result.batch is None:
-                    raise NotLocal(f"{node.name}: per-token input {a.name} without a batch axis on either side")
+                    raise NotLocal(node, "per-token-no-batch", f"per-token input {a.name} without a batch axis on either side")
                 db = result.batch - off
                 if not (0 <= db < len(s) and s[db] == out_shape[result.batch]):
                     db = None      # broadcast over the batch: expanded before the gather
@@ -127,68 +132,68 @@ def _broadcast(node: fx.Node, axes: dict, n_tokens: int, inputs: list) -> AxisIn
     return info
 
 
-def _pointwise(node, axes, n):
+def _pointwise(node, axes):
     ins = list(node.args) + list(node.kwargs.values())
-    return _broadcast(node, axes, n, ins)
+    return _broadcast(node, axes, ins)
 
 
 @rule(aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to, aten._to_copy,
       aten.type_as, aten.lift_fresh_copy, aten.native_dropout)
-def _identity(node, axes, n):
+def _identity(node, axes):
     a, ax = _single_input(node, axes)
-    info = _broadcast(node, axes, n, [a])
+    info = _broadcast(node, axes, [a])
     return info
 
 
 @rule(aten.linear)
-def _linear(node, axes, n):
+def _linear(node, axes):
     a, ax = _single_input(node, axes)
     if ax.token == len(shape(a)) - 1:
-        raise NotLocal(f"{node.name}: linear contracts the token axis")
+        raise NotLocal(node, "contracts-token-axis", "linear contracts the token axis")
     for w in node.args[1:]:
         if isinstance(w, fx.Node) and w in axes:
-            raise NotLocal(f"{node.name}: linear weight depends on tokens")
+            raise NotLocal(node, "token-dependent-weight", "linear weight depends on tokens")
     return AxisInfo(ax)
 
 
 @rule(aten.addmm, aten.mm)
-def _addmm(node, axes, n):
+def _addmm(node, axes):
     x = node.args[1] if packet(node) is aten.addmm else node.args[0]
     if x not in axes:
-        raise NotLocal(f"{node.name}: matrix operand does not carry tokens")
+        raise NotLocal(node, "operand-no-tokens", "matrix operand does not carry tokens")
     ax = axes[x]
     if ax.token != 0:
-        raise NotLocal(f"{node.name}: matrix product contracts the token axis")
+        raise NotLocal(node, "contracts-token-axis", "matrix product contracts the token axis")
     others = [a for a in node.args if isinstance(a, fx.Node) and a is not x]
     if any(a in axes for a in others):
-        raise NotLocal(f"{node.name}: both operands carry tokens")
+        raise NotLocal(node, "token-token-product", "both operands carry tokens")
     return AxisInfo(ax)
 
 
 @rule(aten.layer_norm, aten.rms_norm)
-def _layer_norm(node, axes, n):
+def _layer_norm(node, axes):
     a, ax = _single_input(node, axes)
     nd = len(shape(a))
     k = len(node.args[1])
     if ax.token >= nd - k or (ax.batch is not None and ax.batch >= nd - k):
-        raise NotLocal(f"{node.name}: normalises over the token axis")
+        raise NotLocal(node, "reduces-token-axis", "normalises over the token axis")
     for w in node.args[2:4]:
         if isinstance(w, fx.Node) and w in axes:
-            raise NotLocal(f"{node.name}: norm weight depends on tokens")
+            raise NotLocal(node, "token-dependent-weight", "norm weight depends on tokens")
     return AxisInfo(ax)
 
 
 @rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum)
-def _softmax(node, axes, n):
+def _softmax(node, axes):
     a, ax = _single_input(node, axes)
     d = _norm(node.args[1], len(shape(a)))
     if d == ax.token or d == ax.batch:
-        raise NotLocal(f"{node.name}: reduces over the token axis")
+        raise NotLocal(node, "reduces-token-axis", "reduces over the token axis")
     return AxisInfo(ax)
 
 
 @rule(aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.linalg_vector_norm, aten.norm)
-def _reduce(node, axes, n):
+def _reduce(node, axes):
     a, ax = _single_input(node, axes)
     nd = len(shape(a))
     dims = None
@@ -201,12 +206,12 @@ def _reduce(node, axes, n):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if dims is None:
-        raise NotLocal(f"{node.name}: reduces over all axes")
+        raise NotLocal(node, "reduces-token-axis", "reduces over all axes")
     if isinstance(dims, int):
         dims = [dims]
     dims = sorted(_norm(d, nd) for d in dims)
     if ax.token in dims or (ax.batch is not None and ax.batch in dims):
-        raise NotLocal(f"{node.name}: reduces over the token or batch axis")
+        raise NotLocal(node, "reduces-token-axis", "reduces over the token or batch axis")
     if keep:
         return AxisInfo(ax)
     shift = lambda x: None if x is None else x - sum(1 for d in dims if d < x)
@@ -223,7 +228,7 @@ def _map_through_reshape(in_shape, out_shape, d):
 
 
 @rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
-def _reshape(node, axes, n):
+def _reshape(node, axes):
     a, ax = _single_input(node, axes)
     ins, outs = shape(a), shape(node)
     if ax.merged is not None:
@@ -235,7 +240,7 @@ def _reshape(node, axes, n):
                 return AxisInfo(Axes(j, j + 1))
         t = _map_through_reshape(ins, outs, ax.token)
         if t is None:
-            raise NotLocal(f"{node.name}: reshape of a flattened batch x token axis ({list(ins)} -> {list(outs)})")
+            raise NotLocal(node, "reshapes-merged-axis", f"reshape of a flattened batch x token axis ({list(ins)} -> {list(outs)})")
         return AxisInfo(Axes(None, t, ax.merged))
     if ax.batch is not None and ax.batch == ax.token - 1:
         # (B, N, ...) -> (B*N, ...): batch and tokens flattened together (GPT-2's Conv1D)
@@ -246,17 +251,17 @@ def _reshape(node, axes, n):
                 return AxisInfo(Axes(None, j, ins[ax.batch]))
     t = _map_through_reshape(ins, outs, ax.token)
     if t is None:
-        raise NotLocal(f"{node.name}: reshape merges or splits the token axis ({list(ins)} -> {list(outs)})")
+        raise NotLocal(node, "reshapes-token-axis", f"reshape merges or splits the token axis ({list(ins)} -> {list(outs)})")
     b = None
     if ax.batch is not None:
         b = _map_through_reshape(ins, outs, ax.batch)
         if b is None:
-            raise NotLocal(f"{node.name}: reshape merges the batch axis ({list(ins)} -> {list(outs)})")
+            raise NotLocal(node, "reshapes-batch-axis", f"reshape merges the batch axis ({list(ins)} -> {list(outs)})")
     return AxisInfo(Axes(b, t))
 
 
 @rule(aten.transpose)
-def _transpose(node, axes, n):
+def _transpose(node, axes):
     a, ax = _single_input(node, axes)
     nd = len(shape(a))
     d0, d1 = _norm(node.args[1], nd), _norm(node.args[2], nd)
@@ -265,7 +270,7 @@ def _transpose(node, axes, n):
 
 
 @rule(aten.permute)
-def _permute(node, axes, n):
+def _permute(node, axes):
     a, ax = _single_input(node, axes)
     nd = len(shape(a))
     perm = [_norm(d, nd) for d in node.args[1]]
@@ -274,7 +279,7 @@ def _permute(node, axes, n):
 
 
 @rule(aten.unsqueeze)
-def _unsqueeze(node, axes, n):
+def _unsqueeze(node, axes):
     a, ax = _single_input(node, axes)
     d = _norm(node.args[1], len(shape(a)) + 1)
     sh = lambda x: None if x is None else (x + 1 if x >= d else x)
@@ -282,7 +287,7 @@ def _unsqueeze(node, axes, n):
 
 
 @rule(aten.squeeze)
-def _squeeze(node, axes, n):
+def _squeeze(node, axes):
     a, ax = _single_input(node, axes)
     ins, outs = shape(a), shape(node)
     kept = [i for i in range(len(ins))]
@@ -293,46 +298,46 @@ def _squeeze(node, axes, n):
     else:
         kept = [i for i in range(len(ins)) if ins[i] != 1]
     if ax.token not in kept or len(kept) != len(outs):
-        raise NotLocal(f"{node.name}: squeeze removes the token axis")
+        raise NotLocal(node, "removes-token-axis", "squeeze removes the token axis")
     return AxisInfo(Axes(kept.index(ax.batch) if ax.batch in kept else None, kept.index(ax.token)))
 
 
 @rule(aten.expand)
-def _expand(node, axes, n):
+def _expand(node, axes):
     a, ax = _single_input(node, axes)
     off = len(shape(node)) - len(shape(a))
     return AxisInfo(Axes(None if ax.batch is None else ax.batch + off, ax.token + off))
 
 
 @rule(aten.chunk, aten.split, aten.split_with_sizes, aten.unsafe_split, aten.unsafe_chunk)
-def _split(node, axes, n):
+def _split(node, axes):
     a, ax = _single_input(node, axes)
     d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     d = _norm(d, len(shape(a)))
     if d in (ax.token, ax.batch):
-        raise NotLocal(f"{node.name}: splits the token or batch axis")
+        raise NotLocal(node, "splits-token-axis", "splits the token or batch axis")
     return AxisInfo(ax)
 
 
 @rule(aten.unbind)
-def _unbind(node, axes, n):
+def _unbind(node, axes):
     a, ax = _single_input(node, axes)
     d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape(a)))
     if d in (ax.token, ax.batch):
-        raise NotLocal(f"{node.name}: unbinds the token or batch axis")
+        raise NotLocal(node, "splits-token-axis", "unbinds the token or batch axis")
     sh = lambda x: None if x is None else (x - 1 if x > d else x)
     return AxisInfo(Axes(sh(ax.batch), sh(ax.token)))
 
 
 @rule(aten.slice, aten.narrow, aten.select)
-def _slice(node, axes, n):
+def _slice(node, axes):
     a, ax = _single_input(node, axes)
     nd = len(shape(a))
     d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
     if d in (ax.token, ax.batch):
         if packet(node) is not aten.select and shape(node)[d] == shape(a)[d]:
             return AxisInfo(ax)   # a full slice (start 0, end >= size) is a no-op
-        raise NotLocal(f"{node.name}: slices the token or batch axis")
+        raise NotLocal(node, "slices-token-axis", "slices the token or batch axis")
     if packet(node) is aten.select:
         sh = lambda x: None if x is None else (x - 1 if x > d else x)
         return AxisInfo(Axes(sh(ax.batch), sh(ax.token)))
@@ -340,51 +345,51 @@ def _slice(node, axes, n):
 
 
 @rule(aten.cat)
-def _cat(node, axes, n):
+def _cat(node, axes):
     tensors = node.args[0]
     nd = _out_ndim(node)
     d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
-    info = _broadcast(node, axes, n, list(tensors))
+    info = _broadcast(node, axes, list(tensors))
     if info.out is not None and d in (info.out.token, info.out.batch):
-        raise NotLocal(f"{node.name}: concatenates along the token or batch axis")
+        raise NotLocal(node, "concatenates-token-axis", "concatenates along the token or batch axis")
     return info
 
 
 @rule(aten.stack)
-def _stack(node, axes, n):
+def _stack(node, axes):
     tensors = node.args[0]
     nd = _out_ndim(node)
     d = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
     ins = [a for a in tensors if isinstance(a, fx.Node)]
     if any(a not in axes for a in ins):
-        raise NotLocal(f"{node.name}: stacks token-carrying and other tensors")
+        raise NotLocal(node, "stacks-mixed", "stacks token-carrying and other tensors")
     first = axes[ins[0]]
     if any(axes[a] != first for a in ins):
-        raise NotLocal(f"{node.name}: stacked inputs carry tokens on different axes")
+        raise NotLocal(node, "token-axes-differ", "stacked inputs carry tokens on different axes")
     sh = lambda x: None if x is None else (x + 1 if x >= d else x)
     return AxisInfo(Axes(sh(first.batch), sh(first.token)))
 
 
 @rule(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu)
-def _sdpa(node, axes, n):
+def _sdpa(node, axes):
     q, k, v = node.args[0], node.args[1], node.args[2]
     if q not in axes:
         # queries from non-token inputs attending over tokens: every output depends on all tokens
-        raise NotLocal(f"{node.name}: queries do not come from the token stream")
+        raise NotLocal(node, "queries-not-tokens", "queries do not come from the token stream")
     qa = axes[q]
     nd = len(shape(q))
     if qa.token != nd - 2:
-        raise NotLocal(f"{node.name}: tokens are not the sequence axis of the queries")
+        raise NotLocal(node, "queries-not-tokens", "tokens are not the sequence axis of the queries")
     causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
     info = AxisInfo(qa)
     mixing = [x for x in (k, v) if isinstance(x, fx.Node) and x in axes]
     if mixing and causal:
-        raise NotLocal(f"{node.name}: causal self-attention depends on token positions")
+        raise NotLocal(node, "causal-attention", "causal self-attention depends on token positions")
     info.mixing_inputs = mixing
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     if isinstance(mask, fx.Node):
         if mask in axes:
-            raise NotLocal(f"{node.name}: attention mask depends on tokens")
+            raise NotLocal(node, "token-dependent-mask", "attention mask depends on tokens")
         ms = shape(mask)
         off = nd - len(ms)
         dq = nd - 2 - off
@@ -395,14 +400,14 @@ def _sdpa(node, axes, n):
 
 
 @rule(aten.matmul, aten.bmm)
-def _matmul(node, axes, n):
+def _matmul(node, axes):
     a, b = node.args[0], node.args[1]
     if a not in axes:
-        raise NotLocal(f"{node.name}: left operand of matmul is not token-carrying")
+        raise NotLocal(node, "operand-no-tokens", "left operand of matmul is not token-carrying")
     aa = axes[a]
     nd_a = len(shape(a))
     if aa.token == nd_a - 1:
-        raise NotLocal(f"{node.name}: matmul contracts the token axis")
+        raise NotLocal(node, "contracts-token-axis", "matmul contracts the token axis")
     info = AxisInfo(Axes(aa.batch + (_out_ndim(node) - nd_a) if aa.batch is not None else None,
                          aa.token + (_out_ndim(node) - nd_a)))
     if isinstance(b, fx.Node) and b in axes:
@@ -411,7 +416,7 @@ def _matmul(node, axes, n):
 
 
 @rule(operator.getitem)
-def _getitem(node, axes, n):
+def _getitem(node, axes):
     a, ax = _single_input(node, axes)
     return AxisInfo(ax)
 
@@ -421,19 +426,19 @@ _MERGED_OK = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unf
               aten.detach, aten.type_as}
 
 
-def propagate(node: fx.Node, axes: dict, n_tokens: int) -> AxisInfo:
+def propagate(node: fx.Node, axes: dict) -> AxisInfo:
     """Axes of ``node`` given the axes of its inputs; raises ``NotLocal``."""
     if node.op != "call_function":
-        raise NotLocal(f"{node.name}: {node.op} nodes are not analysed")
+        raise NotLocal(node, "not-a-call", f"{node.op} nodes are not analysed")
     p = packet(node)
     tags = getattr(node.target, "tags", ())
     if any(axes[a].merged is not None for a in node.all_input_nodes if a in axes) and p not in _MERGED_OK \
             and torch.Tag.pointwise not in tags:
-        raise NotLocal(f"{node.name}: {getattr(p, '__name__', p)} on a flattened batch x token axis")
+        raise NotLocal(node, "merged-axis-op", f"{getattr(p, '__name__', p)} on a flattened batch x token axis")
     fn = RULES.get(p)
     if fn is not None:
-        return fn(node, axes, n_tokens)
+        return fn(node, axes)
     tags = getattr(node.target, "tags", ())
     if torch.Tag.pointwise in tags:
-        return _pointwise(node, axes, n_tokens)
-    raise NotLocal(f"{node.name}: no token-axis rule for {getattr(p, '__name__', p)}")
+        return _pointwise(node, axes)
+    raise NotLocal(node, "no-axis-rule", f"no token-axis rule for {getattr(p, '__name__', p)}")

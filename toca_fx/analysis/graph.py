@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 import torch
@@ -31,31 +31,6 @@ def shape(node: Any) -> tuple[int, ...] | None:
     if isinstance(v, torch.Tensor):
         return tuple(int(s) for s in v.shape)
     return None
-
-
-def is_tensor(node: Any) -> bool:
-    return isinstance(val(node), torch.Tensor)
-
-
-def tensor_args(node: fx.Node) -> Iterable[tuple[int | str, fx.Node]]:
-    """(position or keyword, node) for every node-valued argument, lists flattened with their index."""
-    for i, a in enumerate(node.args):
-        if isinstance(a, fx.Node):
-            yield i, a
-        elif isinstance(a, (list, tuple)):
-            for a2 in a:
-                if isinstance(a2, fx.Node):
-                    yield i, a2
-    for k, a in node.kwargs.items():
-        if isinstance(a, fx.Node):
-            yield k, a
-
-
-def op_name(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_function":
-        return getattr(t, "__name__", str(t))
-    return f"{node.op}:{t}"
 
 
 def packet(node: fx.Node):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..errors import Refusal
 from .sites import Site
 
 
@@ -29,7 +30,7 @@ def run_with_override(gm: fx.GraphModule, inputs: list, node: fx.Node | None = N
     return interp.seen
 
 
-def probe_site(gm: fx.GraphModule, inputs: list, site: Site, baseline: dict) -> str | None:
+def probe_site(gm: fx.GraphModule, inputs: list, site: Site, baseline: dict) -> Refusal | None:
     """None when the probe agrees that F is token-local; otherwise the reason it does not.
 
     Token ``j`` of batch row 0 of x_in is perturbed; every other (row, token) of F must stay
@@ -37,7 +38,7 @@ def probe_site(gm: fx.GraphModule, inputs: list, site: Site, baseline: dict) -> 
     """
     base = baseline.get(site.value)
     if not isinstance(base, torch.Tensor):
-        return "probe could not observe the branch output"
+        return Refusal("probe-unobserved", "probe could not observe the branch output", stage="probe")
     n = site.n_tokens
     j = n // 2
 
@@ -59,5 +60,6 @@ def probe_site(gm: fx.GraphModule, inputs: list, site: Site, baseline: dict) -> 
     others = [(b, t) for b, t in moved if (b, t) != (0, j)]
     if others:
         b, t = others[0]
-        return f"numeric probe: perturbing token {j} of sample 0 changed token {t} of sample {b}"
+        return Refusal("probe-refuted", f"numeric probe: perturbing token {j} of sample 0 changed token {t} of "
+                       f"sample {b}", stage="probe", node=site.value.name)
     return None

@@ -1,4 +1,9 @@
-"""What the analysis finds: residual branch sites and the per-block result."""
+"""What the analysis finds: residual branch sites and the per-block result.
+
+A ``Site`` holds what every technique needs (the branch's F, its axes, whether it may be cached and
+computed on k tokens); what only one technique needs lives in an optional sub-record: ``site.kv``
+(``self_attention="partial-kv"``) and ``site.parallel`` (the MLP half of a parallel block).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,35 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from ..errors import Refusal
 from .axes import Axes
 
 KINDS = ("self_attn", "cross_attn", "joint_attn", "mlp", "parallel", "other")
+MIXING_KINDS = ("self_attn", "joint_attn", "parallel")      # kinds whose F mixes tokens
+
+
+@dataclass
+class Region:
+    """Nodes computed on k tokens (topological order) and the token-carrying inputs gathered for them."""
+
+    nodes: list[fx.Node]
+    boundary: dict                    # node -> Axes (stream rows) or External (RoPE tables, masks)
+
+
+@dataclass
+class KeyValueSide:
+    """``partial-kv``: the attention's key/value inputs (cached) and the whole branch on k tokens."""
+
+    values: list[fx.Node]             # key, value inputs of the attention, in graph order
+    region: Region                    # query side + key/value side
+
+
+@dataclass
+class ParallelSplit:
+    """A parallel block's MLP half: computed on k tokens with the attention rows from a cache."""
+
+    attn_values: list[fx.Node]        # attention outputs entering the MLP half (cached at fresh steps)
+    region: Region                    # the region without the attention side
 
 
 @dataclass
@@ -24,27 +55,30 @@ class Site:
     stream_in: fx.Node                # x_in: the stream value the branch reads
     axes: Axes                        # batch/token axes of F
     n_tokens: int
+    stream: int = 0                   # index of the token stream (0: the one with most tokens)
+    attention: fx.Node | None = None  # the attention op of the branch (SDPA), if any
+    key_segment: tuple | None = None  # joint attention: (offset, length) of this stream on the key axis
+    refusal: Refusal | None = None    # why not cached / not token-local (None: cached and token-local)
     cacheable: bool = True            # F may be reused from the cache
     local: bool = False               # F may be computed on a subset of tokens
-    reason: str | None = None         # why not cacheable / not local
-    region: list[fx.Node] = field(default_factory=list)        # computed on k tokens (topological order)
-    boundary: dict = field(default_factory=dict)               # node -> Axes, gathered before the region
-    region_axes: dict = field(default_factory=dict)            # region node -> Axes of its output
-    attention: fx.Node | None = None  # the attention op of the branch (SDPA), if any
+    region: Region | None = None      # the query side on k tokens (when local)
+    region_axes: dict = field(default_factory=dict)   # node -> Axes, for every node any region holds
     probe: str = "not run"            # result of the numeric locality probe
-    stream: int = 0                   # index of the token stream (0: the one with most tokens)
-    key_segment: tuple | None = None  # joint attention: (offset, length) of this stream on the key axis
-    attn_values: list = field(default_factory=list)   # parallel: attention outputs cached for partial steps
-    mlp_region: list = field(default_factory=list)    # parallel: region without the attention side
-    mlp_boundary: dict = field(default_factory=dict)  # parallel: its inputs (attn_values come from caches)
-    kv_values: list = field(default_factory=list)     # keys/values of the attention, cached for "partial-kv"
-    kv_region: list = field(default_factory=list)     # region + the key/value side, computed on k tokens
-    kv_boundary: dict = field(default_factory=dict)   # its inputs
-    kv_reason: str | None = None                      # why "partial-kv" is not possible
+    kv: KeyValueSide | None = None
+    kv_refusal: Refusal | None = None  # why "partial-kv" is not possible (when local)
+    parallel: ParallelSplit | None = None
+
+    @property
+    def reason(self) -> str | None:
+        return self.refusal.message if self.refusal is not None else None
 
     @property
     def shape(self):
         return tuple(self.value.meta["val"].shape)
+
+    @property
+    def dtype(self):
+        return self.value.meta["val"].dtype
 
 
 @dataclass
@@ -55,7 +89,7 @@ class BlockAnalysis:
     stream_input: fx.Node | None = None
     stream_output: fx.Node | None = None
     has_attention: bool = False
-    rejected: str | None = None       # reason the whole block is left unchanged
+    rejected: Refusal | None = None   # why the whole block is left unchanged
     notes: list[str] = field(default_factory=list)
     n_tokens: int = 0
     streams: list = field(default_factory=list)
@@ -66,13 +100,5 @@ class BlockAnalysis:
                 return s
         raise KeyError(name)
 
-    def cached_node(self, name: str) -> fx.Node:
-        """The node a cache holds: a site's F (``"mlp0"``), an attention value inside a parallel
-        site (``"parallel0__attn0"``) or an attention's key/value input (``"self_attn0__kv1"``)."""
-        if "__attn" in name:
-            site, i = name.split("__attn")
-            return self.site(site).attn_values[int(i)]
-        if "__kv" in name:
-            site, i = name.split("__kv")
-            return self.site(site).kv_values[int(i)]
-        return self.site(name).value
+    def stream_tokens(self, stream: int) -> int:
+        return int(self.streams[stream].input.meta["val"].shape[1])

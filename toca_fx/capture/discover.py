@@ -17,7 +17,7 @@ class BlockList:
     name: str                      # qualified name of the ModuleList inside the model
     modules: list[nn.Module]
     cls: type
-    rejected: str | None = None    # reason, once the captured graph shows it is not a block list
+    rejected: object = None        # the Refusal, once the captured graph shows it is not a block list
     names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:

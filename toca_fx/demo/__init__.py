@@ -108,7 +108,7 @@ def sample(model, labels, num_steps: int = DEFAULT_STEPS, seed: int = 0,
     cfg = guidance_scale != 1.0
     class_labels = torch.cat([labels, torch.full_like(labels, NULL_LABEL)]) if cfg else labels
     class_labels = class_labels.to(device)
-    transformed = "_toca_fx" in model.__dict__
+    transformed = toca_fx.is_transformed(model)
     ctx = toca_fx.generation(model, num_steps=num_steps) if transformed else contextlib.nullcontext()
     with ctx:
         for t in _progress(scheduler.timesteps, progress):

@@ -16,15 +16,20 @@ aten = torch.ops.aten
 
 @dataclass
 class VariantGraph:
-    """A rewritten block graph and the meaning of what it takes and returns beyond the original."""
+    """A rewritten block graph and the meaning of what it takes and returns beyond the original.
+
+    ``inputs`` / ``outputs`` are the binding slots (``passes.bindings``) of the placeholders appended
+    after the block's own inputs and of the outputs appended after its own outputs, in order.
+    """
 
     name: str
     gm: fx.GraphModule
-    actions: dict[str, str]                       # site name -> fresh | full | partial | reuse | compute
-    extra_inputs: list[tuple[str, str | None]]    # (role, site) appended after the user inputs
-    extra_outputs: list[tuple[str, str | None]]   # (role, site) appended after the user outputs
+    actions: dict[str, str]           # site name -> technique name ("fresh" on the fresh variant)
+    inputs: tuple                     # slots of the extra placeholders
+    outputs: tuple                    # slots of the extra outputs
     n_user_outputs: int
     counts: dict[str, int] = field(default_factory=dict)
+    key: tuple | None = None          # the program's key for it (None: the fresh variant)
 
 
 class GraphBuilder:
@@ -41,24 +46,29 @@ class GraphBuilder:
                 self.env[n] = self.graph.node_copy(n, lambda a: self.env[a])
         self.outputs = [self.env[a] if isinstance(a, fx.Node) else a for a in self.outputs]
         self.n_user_outputs = len(self.outputs)
-        self.extra_inputs: list[tuple[str, str | None]] = []
-        self.extra_outputs: list[tuple[str, str | None]] = []
+        self.inputs: list = []
+        self.outputs_slots: list = []
+        self._inputs_by_slot: dict = {}
         self._last_placeholder = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
         self.counts: dict[str, int] = {}
 
     def bump(self, key: str, by: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + by
 
-    def add_input(self, role: str, site: str | None, name: str) -> fx.Node:
-        with self.graph.inserting_after(self._last_placeholder):
-            ph = self.graph.placeholder(name)
-        self._last_placeholder = ph
-        self.extra_inputs.append((role, site))
+    def input(self, slot, name: str) -> fx.Node:
+        """The placeholder bound to ``slot`` (added after the last one the first time)."""
+        ph = self._inputs_by_slot.get(slot)
+        if ph is None:
+            with self.graph.inserting_after(self._last_placeholder):
+                ph = self.graph.placeholder(name)
+            self._last_placeholder = ph
+            self.inputs.append(slot)
+            self._inputs_by_slot[slot] = ph
         return ph
 
-    def add_output(self, role: str, site: str | None, node: fx.Node) -> None:
+    def output(self, slot, node: fx.Node) -> None:
         self.outputs.append(node)
-        self.extra_outputs.append((role, site))
+        self.outputs_slots.append(slot)
 
     def call(self, target, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(target, args, kwargs)
@@ -106,16 +116,16 @@ class GraphBuilder:
         self.bump("scatters")
         return self.call(aten.scatter_.src, cache, ax.token, index, src)
 
-    def finish(self, name: str, actions: dict[str, str]) -> VariantGraph:
+    def finish(self, name: str, actions: dict[str, str], key: tuple | None = None) -> VariantGraph:
         self.graph.output(tuple(self.outputs))
         before = len(self.graph.nodes)
         eliminate_dead_code(self.graph)
         self.bump("nodes_removed", before - len(self.graph.nodes))
         self.graph.lint()
         gm = fx.GraphModule(torch.nn.Module(), self.graph, class_name=name)
-        return VariantGraph(name=name, gm=gm, actions=dict(actions), extra_inputs=list(self.extra_inputs),
-                            extra_outputs=list(self.extra_outputs), n_user_outputs=self.n_user_outputs,
-                            counts=dict(self.counts))
+        return VariantGraph(name=name, gm=gm, actions=dict(actions), inputs=tuple(self.inputs),
+                            outputs=tuple(self.outputs_slots), n_user_outputs=self.n_user_outputs,
+                            counts=dict(self.counts), key=key)
 
 
 def eliminate_dead_code(graph: fx.Graph) -> None:
@@ -130,7 +140,7 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
         schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.is_mutable:
             continue
-        if schema is None and node.target is not getattr(__import__("operator"), "getitem"):
+        if schema is None and node.target is not operator.getitem:
             continue
         graph.erase_node(node)
 
@@ -138,13 +148,12 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
 _SIZED_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
 
-def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node, region=None,
+def copy_region_on_k_tokens(b: GraphBuilder, site, gathered: dict, k: fx.Node, region: list,
                             after: dict | None = None) -> fx.Node:
-    """Copy the site's region (computed on k tokens); returns the copy of F.
+    """Copy ``region`` (nodes of the site, computed on k tokens); returns the copy of F.
 
     ``after[node](copy)`` may return what the region's later nodes read instead of ``node``'s
     k-token copy (the key/value caches of ``partial-kv``, filled with the copy's rows)."""
-    region = site.region if region is None else region
     after = after or {}
     rmap: dict[fx.Node, fx.Node] = {}
 

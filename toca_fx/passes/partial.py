@@ -1,108 +1,141 @@
-"""Partial variant: per site, reuse the cache, recompute k selected tokens, or compute in full.
+"""The partial-step pass: one variant graph for one set of per-site techniques.
 
-For a ``partial`` site: ``idx = toca_fx.select_tokens(score, stale, k)``; gather the boundary
-inputs of the site's token-local region on ``idx``; run the region on k tokens; scatter the rows
-into the site's cache; every reader of F reads the whole cache. Key/value projections of
-self-attention stay outside the region and run on all tokens (queries attend over every key),
-except for ``partial_kv``: the selected tokens recompute their keys/values too, which are
-scattered into key/value caches that the selected queries attend over.
+The pass copies the captured graph and hands every cacheable site to its technique
+(``passes/techniques/``), which rewrites the site's F: read it from the cache (reuse), recompute k
+selected tokens and scatter them into the cache (partial, partial-kv, the MLP half of a parallel
+block), or compute it in full. What the techniques share — the selection, gathers, scatters, cache
+reads with the cache dtype — is ``PartialPass``.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers toca_fx::select_tokens)
 from ..analysis.axes import External
-from ..analysis.sites import BlockAnalysis
-from ..runtime import ops  # noqa: F401  (registers toca_fx::select_tokens)
-from .common import GraphBuilder, VariantGraph, copy_region_on_k_tokens, static_shape
+from ..analysis.sites import BlockAnalysis, Site
+from ..errors import ToCaError
+from .bindings import Buffer, ScoreInput, StateInput, StateSpec, TokenCount
+from .common import GraphBuilder, VariantGraph, static_shape
+from .techniques import TECHNIQUES
 
 aten = torch.ops.aten
 
 
-def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], *, cfg: bool,
-                  stale_weight: float, inv_interval: float, bonus: float, grid: int,
-                  cache_dtype: torch.dtype | None = None) -> VariantGraph:
-    """Rewrite ``gm`` for one partial step; ``actions[site]`` is reuse | partial | full | compute.
+@dataclass(frozen=True)
+class SelectSettings:
+    """Constants of ``toca_fx::select_tokens`` baked into a partial variant."""
+
+    paired: bool                  # the CFG halves of the batch select the same tokens
+    stale_weight: float
+    inv_interval: float
+    bonus: float
+    grid: int
+
+
+class PartialPass:
+    """What a technique's ``rewrite`` (and ``on_refresh``) works with: the graph builder, the config,
+    and the shared token surgery. The fresh pass uses one too (without selection settings)."""
+
+    def __init__(self, b: GraphBuilder, analysis: BlockAnalysis, specs: dict[str, list[StateSpec]],
+                 select: SelectSettings | None, cache_dtype: torch.dtype | None, config):
+        self.b = b
+        self.analysis = analysis
+        self.specs = specs
+        self.settings = select
+        self.cache_dtype = cache_dtype
+        self.config = config
+        self._score: dict[int, fx.Node] = {}
+
+    def has(self, site: Site, name: str) -> bool:
+        """Whether the site keeps a buffer of this name (declared by some technique's ``buffers``)."""
+        return any(s.buffer.name == name for s in self.specs.get(site.name, ()))
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def state(self, buffer: Buffer) -> fx.Node:
+        return self.b.input(StateInput(buffer), f"cache_{buffer.label}" if buffer.name != "stale" else f"stale_{buffer.site}")
+
+    def value(self, site: Site) -> fx.Node:
+        """The site's F in the graph copy."""
+        return self.b.env[site.value]
+
+    def read(self, cache: fx.Node, like: fx.Node) -> fx.Node:
+        """A cache read in the graph's dtype (a cast when the cache is stored in another)."""
+        dtype = like.meta["val"].dtype
+        if self.cache_dtype is not None and self.cache_dtype != dtype:
+            return self.b.call(aten._to_copy.default, cache, dtype=dtype)
+        return cache
+
+    def replace(self, site: Site, new: fx.Node) -> None:
+        """Every reader of F reads ``new`` instead."""
+        fv = self.value(site)
+        for u in list(fv.users):
+            u.replace_input_with(fv, new)
+
+    # -- token selection and surgery ------------------------------------------------------------
+    def select(self, site: Site, score: fx.Node | None = None) -> tuple[fx.Node, fx.Node]:
+        """(idx, k): ``toca_fx::select_tokens`` on the stream's base score (or ``score``, a (B, N)
+        node the technique computed) and the site's staleness."""
+        stream = site.stream
+        if score is None:
+            if stream not in self._score:
+                self._score[stream] = self.b.input(ScoreInput(stream), "score" if stream == 0 else f"score_s{stream}")
+            score = self._score[stream]
+        stale = self.state(Buffer(site.name, "stale"))
+        k = self.b.input(TokenCount(site.name), f"k_{site.name}")
+        st = self.settings
+        idx = self.b.call(torch.ops.toca_fx.select_tokens.default, score, stale, k,
+                          float(st.stale_weight), float(st.inv_interval), float(st.bonus), int(st.grid),
+                          bool(st.paired))
+        return idx, k
+
+    def gather(self, boundary: dict, idx: fx.Node, k: fx.Node, batch: int) -> dict:
+        """Gather every boundary input of a region on the selected tokens: {copy of node: rows}."""
+        b = self.b
+        return {b.env[n]: b.gather_external(b.env[n], idx, k, ax, static_shape(n), batch) if isinstance(ax, External)
+                else b.gather_tokens(b.env[n], idx, k, ax, static_shape(n))
+                for n, ax in boundary.items()}
+
+    def scatter_rows(self, cache: fx.Node, idx, k, site: Site, node: fx.Node):
+        """``rows -> whole tensor``: write k recomputed rows of ``node`` into its cache and read the
+        whole cache back in the graph's dtype."""
+        b, dtype, cache_dtype = self.b, node.meta["val"].dtype, self.cache_dtype
+        ax, full_shape = site.region_axes[node], static_shape(node)
+
+        def fill(rows):
+            cast = cache_dtype is not None and cache_dtype != dtype
+            if cast:
+                rows = b.call(aten._to_copy.default, rows, dtype=cache_dtype)
+            full = b.scatter_tokens_(cache, idx, k, ax, rows, full_shape)
+            return b.call(aten._to_copy.default, full, dtype=dtype) if cast else full
+        return fill
+
+
+def build_partial(gm, analysis: BlockAnalysis, actions: dict[str, str], specs: dict[str, list[StateSpec]],
+                  select: SelectSettings, config, cache_dtype: torch.dtype | None = None, key: tuple | None = None,
+                  block: str | None = None) -> VariantGraph:
+    """Rewrite ``gm`` for one partial step; ``actions[site]`` names the site's technique.
 
     Example::
 
-        v = build_partial(capture.gm, analysis, {"self_attn0": "reuse", "mlp0": "partial"},
-                          cfg=True, stale_weight=0.25, inv_interval=1/3, bonus=0.6, grid=2)
-        v.extra_inputs   # [('cache', 'self_attn0'), ('cache', 'mlp0'), ('score', '0'), ('stale', 'mlp0'), ('k', 'mlp0')]
+        v = build_partial(capture.gm, analysis, {"self_attn0": "reuse", "mlp0": "partial"}, specs,
+                          SelectSettings(paired=True, stale_weight=0.25, inv_interval=1/3, bonus=0.6, grid=2), config)
+        v.inputs    # (StateInput(Buffer('self_attn0', 'value')), StateInput(Buffer('self_attn0', 'stale')),
+                    #  StateInput(Buffer('mlp0', 'value')), ScoreInput(0), StateInput(Buffer('mlp0', 'stale')),
+                    #  TokenCount('mlp0'))
     """
-    b = GraphBuilder(gm.graph)
-    score_ph: dict[int, object] = {}     # stream -> its base score input (B, N_stream)
+    p = PartialPass(GraphBuilder(gm.graph), analysis, specs, select, cache_dtype, config)
     for s in analysis.sites:
-        act = actions.get(s.name, "compute")
-        if act in ("compute",) or not s.cacheable:
+        if not s.cacheable:
             continue
-        fv = b.env[s.value]
-        if act == "full":
-            b.add_output("value", s.name, fv)
-            for i, a in enumerate(s.attn_values):
-                b.add_output("value", f"{s.name}__attn{i}", b.env[a])
-            continue
-        cache = b.add_input("cache", s.name, f"cache_{s.name}")
-        f_dtype = s.value.meta["val"].dtype
-        cast = cache_dtype is not None and cache_dtype != f_dtype
-        if act == "reuse":
-            if cast:
-                with b.graph.inserting_before(fv):
-                    read = b.call(aten._to_copy.default, cache, dtype=f_dtype)
-            else:
-                read = cache
-            fv.replace_all_uses_with(read)
-            b.bump("reused_sites")
-            continue
-        if act not in ("partial", "partial_mlp", "partial_kv") or not s.local \
-                or (act == "partial_mlp" and not s.mlp_region) or (act == "partial_kv" and not s.kv_values):
-            raise ValueError(f"site {s.name}: action {act!r} is not possible ({s.reason})")
-        if s.stream not in score_ph:
-            score_ph[s.stream] = b.add_input("score", str(s.stream), "score" if s.stream == 0 else f"score_s{s.stream}")
-        stale = b.add_input("stale", s.name, f"stale_{s.name}")
-        k = b.add_input("k", s.name, f"k_{s.name}")
-        with b.graph.inserting_before(fv):
-            idx = b.call(torch.ops.toca_fx.select_tokens.default, score_ph[s.stream], stale, k,
-                         float(stale_weight), float(inv_interval), float(bonus), int(grid), bool(cfg))
-            batch = static_shape(s.stream_in)[0]
-            boundary, region = {"partial_mlp": (s.mlp_boundary, s.mlp_region),
-                                "partial_kv": (s.kv_boundary, s.kv_region)}.get(act, (s.boundary, s.region))
-            gathered = {b.env[n]: b.gather_external(b.env[n], idx, k, ax, static_shape(n), batch) if isinstance(ax, External)
-                        else b.gather_tokens(b.env[n], idx, k, ax, static_shape(n))
-                        for n, ax in boundary.items()}
-            if act == "partial_mlp":
-                # attention rows come from the attention cache, gathered like any boundary input
-                for i, a in enumerate(s.attn_values):
-                    sub = b.add_input("cache", f"{s.name}__attn{i}", f"cache_{s.name}__attn{i}")
-                    with b.graph.inserting_before(fv):
-                        rows = b.gather_tokens(sub, idx, k, s.region_axes[a], static_shape(a))
-                        if cache_dtype is not None and cache_dtype != a.meta["val"].dtype:
-                            rows = b.call(aten._to_copy.default, rows, dtype=a.meta["val"].dtype)
-                        gathered[b.env[a]] = rows
-            after = {}
-            if act == "partial_kv":
-                for i, m in enumerate(s.kv_values):
-                    sub = b.add_input("cache", f"{s.name}__kv{i}", f"cache_{s.name}__kv{i}")
-                    after[m] = _scatter_rows(b, sub, idx, k, s.region_axes[m], static_shape(m),
-                                             m.meta["val"].dtype, cache_dtype)
-            f_k = copy_region_on_k_tokens(b, s, gathered, k, region, after)
-            full = _scatter_rows(b, cache, idx, k, s.region_axes[s.value], static_shape(s.value), f_dtype,
-                                 cache_dtype)(f_k)
-        users = [u for u in fv.users]
-        for u in users:
-            u.replace_input_with(fv, full)
-        b.bump("partial_sites")
-    return b.finish("ToCaPartial", actions)
-
-
-def _scatter_rows(b: GraphBuilder, cache, idx, k, ax, full_shape, dtype, cache_dtype):
-    """``rows -> whole tensor``: write k recomputed rows into a cache (F's, or a key/value input's)
-    and read the whole cache back in the graph's dtype (casting when the cache is stored in another)."""
-    def fill(rows):
-        cast = cache_dtype is not None and cache_dtype != dtype
-        if cast:
-            rows = b.call(aten._to_copy.default, rows, dtype=cache_dtype)
-        full = b.scatter_tokens_(cache, idx, k, ax, rows, full_shape)
-        return b.call(aten._to_copy.default, full, dtype=dtype) if cast else full
-    return fill
+        tech = TECHNIQUES[actions.get(s.name, "compute")]
+        refusal = tech.possible(s)
+        if not refusal:
+            raise ToCaError(f"technique {tech.name!r} is not possible for site {s.name}: {refusal}",
+                            block=block, node=s.value.name)
+        with p.b.graph.inserting_before(p.value(s)):
+            tech.rewrite(p, s)
+    return p.b.finish("ToCaPartial", actions, key)

@@ -26,6 +26,8 @@ class BranchCounter:
     step: int = 0
     last_fresh: int | None = None
     seen_t: set = field(default_factory=set)
+    change: float = 0.0                  # adaptive: accumulated relative change since the last fresh call
+    previous: Any = None                 # adaptive: the first block's input on the previous call
 
 
 @dataclass
@@ -34,6 +36,17 @@ class CallInfo:
     step: int
     fresh: bool
     progress: float | None
+    aggressive: bool = False             # DuCa's aggressive step: every branch reused or forecast
+    s: float = 0.0                       # the forecast's expansion variable (call index or timestep)
+    adapted: bool = False                # adaptive: the first block has decided fresh / partial
+    _s_tensors: dict = field(default_factory=dict)
+
+    def s_tensor(self, device) -> torch.Tensor:
+        """``s`` as a one-element float32 tensor on ``device`` (made once per call, shared by all blocks)."""
+        t = self._s_tensors.get(device)
+        if t is None:
+            t = self._s_tensors[device] = torch.tensor([self.s], dtype=torch.float32, device=device)
+        return t
 
 
 def host_read_is_free(t: torch.Tensor) -> bool:
@@ -50,7 +63,7 @@ class Controller:
     def __init__(self, config: ToCaConfig):
         self.config = config
         self.blocks: list = []                 # BlockRuntime, in model order
-        self.entries: dict = {}                # (class, signature) -> Entry
+        self.programs: dict = {}               # (class, structure, signature) -> BlockProgram
         self.lists: list = []
         self.discovery_notes: list[str] = []
         self.current: CallInfo | None = None
@@ -70,7 +83,7 @@ class Controller:
         self.last_t = None
         self.branch_idx = 0
         self._pattern: int | None = None       # calls per step (CFG branches), once seen
-        self.cfg: bool | None = None
+        self.paired: bool | None = None         # the batch's halves are CFG copies of the same latents
         for b in self.blocks:
             b.clear()
         self._started = False
@@ -108,7 +121,8 @@ class Controller:
         is known, the timestep adds nothing; reading it from an accelerator would be a host sync on
         every call, so it is not read there (reading a CPU tensor costs nothing and is kept)."""
         return (self._keep_steps and isinstance(t, torch.Tensor) and not host_read_is_free(t)
-                and (self.context_name is not None or self._pattern is not None))
+                and (self.context_name is not None or self._pattern is not None)
+                and self.config.forecast_variable != "timestep")
 
     def begin_call(self, args, kwargs) -> None:
         sig = _shape_signature(args, kwargs)
@@ -145,7 +159,7 @@ class Controller:
         if t is not None:
             br.seen_t.add(t)
         self.last_t = t
-        self._decide(key, br)
+        self._decide(key, br, t)
 
     def _begin_known_pattern(self) -> None:
         """A call whose branch follows from the call count (or from diffusers' cache context)."""
@@ -156,18 +170,48 @@ class Controller:
             key = self.branch_idx
         self._decide(key, self.branches.setdefault(key, BranchCounter()))
 
-    def _decide(self, key, br: BranchCounter) -> None:
+    def _decide(self, key, br: BranchCounter, t: float | None = None) -> None:
+        cfg = self.config
         progress = None
         if self.num_steps:
             progress = min(br.step / self.num_steps, 1.0)
-        fresh = schedule.is_fresh(self.config, br.step, br.last_fresh, progress)
+        if cfg.adaptive_threshold is not None:       # refined by adapt() at the call's first block
+            fresh = br.last_fresh is None or br.step < cfg.warmup
+        else:
+            fresh = schedule.is_fresh(cfg, br.step, br.last_fresh, progress, self.num_steps)
         if fresh:
             br.last_fresh = br.step
-        self.current = CallInfo(branch=key, step=br.step, fresh=fresh, progress=progress)
+        aggressive = not fresh and cfg.cycle == "duca" and (br.step - br.last_fresh) % 2 == 0
+        s = float(br.step) if cfg.forecast_variable == "step" or t is None else t
+        self.current = CallInfo(branch=key, step=br.step, fresh=fresh, progress=progress, aggressive=aggressive, s=s,
+                                adapted=cfg.adaptive_threshold is None)
         if not self._started:
             self._started = True
             self.generations += 1
         self.calls["fresh" if fresh else "partial"] += 1
+
+    def adapt(self, x: torch.Tensor) -> None:
+        """Adaptive fresh steps, decided by the call's first block from its input ``x``: fresh when the
+        relative L1 change since the previous call, accumulated since the last fresh call, reaches
+        ``adaptive_threshold`` (or after ``interval`` non-fresh calls, or during the warm-up).
+        One host read per call (the change), none per block."""
+        call, cfg = self.current, self.config
+        call.adapted = True
+        br = self.branches[call.branch]
+        if br.previous is not None and br.previous.shape == x.shape:
+            prev = br.previous
+            br.change += float((x - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+        br.previous = x.detach().clone()
+        fresh = (call.fresh or br.change >= cfg.adaptive_threshold
+                 or call.step - br.last_fresh >= cfg.interval)
+        if fresh and not call.fresh:
+            self.calls["partial"] -= 1
+            self.calls["fresh"] += 1
+            call.fresh = True
+            br.last_fresh = call.step
+        if fresh:
+            br.change = 0.0
+        call.aggressive = not fresh and cfg.cycle == "duca" and (call.step - br.last_fresh) % 2 == 0
 
     _keep_steps = False
 

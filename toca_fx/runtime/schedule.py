@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..config import ToCaConfig
+if TYPE_CHECKING:     # config reads SCHEDULES for its allowed values
+    from ..config import ToCaConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def _factor(w: float, p: float) -> float:
     return 1.0 - w + 2.0 * w * p
 
 
-def fresh_interval(config: ToCaConfig, progress: float | None) -> int:
+def fresh_interval(config: "ToCaConfig", progress: float | None) -> int:
     """Model calls between two fresh steps at this point of sampling."""
     sched = SCHEDULES[config.ratio_schedule]
     n = config.interval
@@ -50,14 +52,21 @@ def fresh_interval(config: ToCaConfig, progress: float | None) -> int:
     return max(1, round(n / _factor(sched.step_weight, progress)))
 
 
-def is_fresh(config: ToCaConfig, step: int, last_fresh: int | None, progress: float | None) -> bool:
-    """Fresh on the first call, then whenever the interval since the last fresh step has passed."""
-    if last_fresh is None or step == 0:
+def is_fresh(config: "ToCaConfig", step: int, last_fresh: int | None, progress: float | None,
+             num_steps: int | None = None) -> bool:
+    """Fresh on the first ``warmup`` calls, then whenever the interval since the last fresh step has
+    passed (``fresh_align="end"`` with a known length: every ``interval`` calls back from the last)."""
+    if last_fresh is None or step < config.warmup:
         return True
+    if config.fresh_steps is not None:
+        return step in config.fresh_steps
+    sched = SCHEDULES[config.ratio_schedule]
+    if config.fresh_align == "end" and num_steps and not sched.vary_interval and step < num_steps:
+        return (num_steps - 1 - step) % config.interval == 0
     return step - last_fresh >= fresh_interval(config, progress)
 
 
-def ratio(config: ToCaConfig, progress: float | None, layer: int, num_layers: int, kind: str) -> float:
+def ratio(config: "ToCaConfig", progress: float | None, layer: int, num_layers: int, kind: str) -> float:
     """r(t, l, m) = clamp(r0 * f_step * f_layer * f_module, 0, 1)."""
     sched = SCHEDULES[config.ratio_schedule]
     r = float(config.fresh_ratio)

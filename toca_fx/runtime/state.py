@@ -8,57 +8,54 @@ them, and ``state_dict()`` gains no entry (the buffers are not persistent). ``re
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-
+import torch
 import torch.nn as nn
 
-
-class _Buffers(MutableMapping):
-    """A dict view onto the module's buffers whose names start with ``prefix``."""
-
-    def __init__(self, module: nn.Module, prefix: str):
-        self._m, self._p = module, prefix
-
-    def __getitem__(self, key):
-        try:
-            return self._m._buffers[self._p + key]
-        except KeyError:
-            raise KeyError(key) from None
-
-    def __setitem__(self, key, value):
-        self._m.register_buffer(self._p + key, value, persistent=False)
-
-    def __delitem__(self, key):
-        del self._m._buffers[self._p + key]
-
-    def __iter__(self):
-        return (k[len(self._p):] for k in list(self._m._buffers) if k.startswith(self._p))
-
-    def __len__(self):
-        return sum(1 for _ in self)
+from ..passes.bindings import Buffer
 
 
 class BranchState(nn.Module):
-    """Caches of one block for one CFG branch: each site's value F (``value_<site>``), its
-    staleness counters (``stale_<site>``) and the block's base score (``score``).
+    """Caches of one block for one CFG branch, as non-persistent buffers named ``<name>_<site>``:
+    each site's value F (``value_<site>``), its staleness counters (``stale_<site>``), whatever its
+    techniques need (``kv0_<site>``, ``attn0_<site>``, ...), and the block's base score (``score``).
 
-    A cache is the site's F tensor from the last fresh step, updated in place by the partial
-    variant's scatter; no copy is made at fresh steps.
+    Buffers are allocated once from the program's state specs and written in place (fresh steps
+    copy into them, partial steps scatter into them), so their addresses stay fixed.
     """
 
     def __init__(self, key):
         super().__init__()
         self.key = key
         self.ready = False
-        self.values = _Buffers(self, "value_")
-        self.stale = _Buffers(self, "stale_")
         self.register_buffer("score", None, persistent=False)
+
+    @staticmethod
+    def _name(buf: Buffer) -> str:
+        return f"{buf.name}_{buf.site}"
+
+    def allocate(self, program, batch: int, device) -> None:
+        for specs in program.state.values():
+            for spec in specs:
+                self.register_buffer(self._name(spec.buffer), spec.allocate(batch, device, program.cache_dtype),
+                                     persistent=False)
+        self.score = torch.zeros(batch, program.analysis.n_tokens, device=device)
+        for i in range(1, len(program.analysis.streams)):   # other streams rank by staleness alone
+            self.register_buffer(f"score_s{i}", torch.zeros(batch, program.analysis.stream_tokens(i), device=device),
+                                 persistent=False)
+
+    def buffer(self, buf: Buffer) -> torch.Tensor:
+        return self._buffers[self._name(buf)]
+
+    def score_of(self, stream: int) -> torch.Tensor:
+        """Stream 0's base score (the last fresh step's); other streams rank by staleness alone."""
+        return self.score if stream == 0 else self._buffers[f"score_s{stream}"]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.values.items())
+        return ", ".join(f"{k[len('value_'):]}: {tuple(v.shape)}" for k, v in self._buffers.items()
+                         if k.startswith("value_"))
 
 
 class BlockState(nn.Module):

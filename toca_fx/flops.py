@@ -1,4 +1,9 @@
-"""FLOPs of variant graphs, counted by ``torch.utils.flop_counter.FlopCounterMode`` on fake tensors.
+"""FLOPs, counted by ``torch.utils.flop_counter.FlopCounterMode`` (on fake tensors for variant graphs).
+
+Importing this module registers a FLOP formula for the CPU kernel that fused attention dispatches
+to (``aten._scaled_dot_product_flash_attention_for_cpu``): torch 2.13 has none, so every
+``FlopCounterMode`` on CPU counted fused attention as 0 FLOPs. Every place toca_fx or its
+benchmarks count FLOPs imports ``toca_fx`` (and so this module) first.
 
 Partial variants are linear in each site's k (every counted op is a matmul or attention whose
 query count is k), so flops(k_1..k_m) = base + sum a_s k_s is fitted from m + 1 fake runs.
@@ -6,11 +11,38 @@ query count is k), so flops(k_1..k_m) = base + sum a_s k_s is fitted from m + 1 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+
+
+def attention_flops(query_shape, key_shape, value_shape) -> int:
+    """QK^T and PV of one attention call: 2 * (batch x query heads) * Sq * Sk * (Dq + Dv).
+
+    Leading axes of any rank (batch, heads) are taken from the query (grouped-query keys/values
+    broadcast over its heads), like torch's ``sdpa_flop_count`` for 4-D inputs.
+    """
+    lead = math.prod(query_shape[:-2])
+    sq, dq = query_shape[-2], query_shape[-1]
+    sk, dv = key_shape[-2], value_shape[-1]
+    return 2 * lead * sq * sk * dq + 2 * lead * sq * sk * dv
+
+
+def _register_cpu_attention_formula() -> bool:
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_registry:       # a later torch (or another library) counts it already
+        return False
+
+    @register_flop_formula(op)
+    def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return attention_flops(query_shape, key_shape, value_shape)
+    return True
+
+
+CPU_ATTENTION_FORMULA_REGISTERED = _register_cpu_attention_formula()
 
 
 @dataclass(frozen=True)

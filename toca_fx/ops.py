@@ -1,5 +1,8 @@
 """Custom ops of toca_fx (``torch.library``, with fake kernels for export / compile / FLOP counting).
 
+The op is written into variant graphs by the passes and executed by the runtime, so it lives
+beside both rather than inside either (``passes`` must not import ``runtime``).
+
 Only token *selection* is a custom op: gathers and scatters are plain ``aten.gather`` /
 ``aten.scatter_`` and every matrix product stays an ordinary ATen call, so
 ``torch.utils.flop_counter.FlopCounterMode`` sees all the arithmetic.
@@ -26,22 +29,22 @@ def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
 
 @torch.library.custom_op("toca_fx::select_tokens", mutates_args=("stale",))
 def select_tokens(score: torch.Tensor, stale: torch.Tensor, k: int, stale_weight: float,
-                  inv_interval: float, bonus: float, grid: int, cfg: bool) -> torch.Tensor:
+                  inv_interval: float, bonus: float, grid: int, paired: bool) -> torch.Tensor:
     """Top-k tokens per sample to recompute, and the staleness update (s3).
 
     score: (B, N) base score (s1 / s2 / norm / random), higher = recompute.
     stale: (B, N) calls since each token was last computed; updated in place (+1, 0 for the chosen).
-    cfg:   the two halves of the batch are the cond / uncond copies of the same samples: both
+    paired: the two halves of the batch are the cond / uncond copies of the same samples: both
            halves get the same tokens (chosen from the mean of their scores).
     Returns (B, k) int64 token indices.
     """
     s = score.float() + stale_weight * inv_interval * stale.float()
     b = s.shape[0]
-    if cfg:
+    if paired:
         s = 0.5 * (s[: b // 2] + s[b // 2:])
     s = spatial_bonus(s, bonus, grid)
     idx = torch.topk(s, k, dim=1, sorted=False).indices
-    if cfg:
+    if paired:
         idx = torch.cat([idx, idx], dim=0)
     stale.add_(1)
     stale.scatter_(1, idx, 0)
@@ -49,5 +52,5 @@ def select_tokens(score: torch.Tensor, stale: torch.Tensor, k: int, stale_weight
 
 
 @select_tokens.register_fake
-def _select_tokens_fake(score, stale, k, stale_weight, inv_interval, bonus, grid, cfg):
+def _select_tokens_fake(score, stale, k, stale_weight, inv_interval, bonus, grid, paired):
     return score.new_empty((score.shape[0], k), dtype=torch.int64)

@@ -1,0 +1,32 @@
+"""``full``: F computed for every token, as captured, and written into the caches (a branch that is
+cacheable but not token-local, e.g. a token-mixing MLP, on a partial step)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..bindings import Buffer, StateOutput
+from . import Technique, refresh, register
+
+aten = torch.ops.aten
+
+
+class Full(Technique):
+    name = "full"
+    priority = 40
+    stats_label = "full"
+
+    def applies(self, site, k, config) -> bool:
+        return not site.local
+
+    def rewrite(self, p, site) -> None:
+        # the caches stay current, as on a fresh step: every filled buffer refilled, staleness
+        # zeroed, techniques' own tables refreshed
+        for spec in p.specs[site.name]:
+            if spec.is_filled:
+                p.b.output(StateOutput(spec.buffer), p.b.env[spec.node])
+        p.b.call(aten.zero_.default, p.state(Buffer(site.name, "stale")))
+        refresh(p, site, p.value(site))
+
+
+register(Full())
