@@ -127,6 +127,12 @@ def toca_methods(quick: bool) -> list[Method]:
                            toca_fx.ToCaConfig(interval=3, fresh_ratio=1.0)))
     for n in (2, 3, 4, 5):
         out.append(toca_method(f"fora N={n}", "toca_fx FORA", P("fora", interval=n)))
+    # forecasting (TaylorSeer per site, toca_fx's end-anchored grids, token-wise forecasting), DuCa, adaptive
+    for name in ("taylorseer", "forecast-n4", "forecast-n6", "toca-taylor", "duca", "toca-adaptive"):
+        out.append(toca_method(name, "toca_fx forecasting / DuCa / adaptive (presets)", P(name)))
+    for n in (4, 5, 6, 7, 8):
+        out.append(toca_method(f"forecast N={n} O=2 end", "toca_fx forecasting (N sweep)",
+                               P("forecast-n4", interval=n)))
     base = P("toca-digits")
     # bf16 caches for the fp32 model (half the cache memory): the quality it costs
     out.append(toca_method("toca-digits cache_dtype=bfloat16", "toca_fx cache dtype", base.replace(cache_dtype="bfloat16")))
@@ -191,13 +197,16 @@ def diffusers_methods(quick: bool, labels, seed, guidance) -> list[Method]:
     for thr in ((0.2,) if quick else (0.1, 0.2, 0.3, 0.5)):
         out.append(diffusers_method(f"FirstBlockCache thr={thr}", "diffusers FirstBlockCache", dict(threshold=thr),
                                     lambda p, s, thr=thr: H.FirstBlockCacheConfig(threshold=thr)))
-    # TaylorSeer on the attention and MLP outputs of every block (the paper's granularity), first order.
+    # TaylorSeer on the attention AND feed-forward outputs of every block (the paper's granularity; diffusers'
+    # default identifiers forecast attention only and match nothing in DiTTransformer2DModel), orders 1 and 2.
     modules = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
-    for n in ((3,) if quick else (2, 3, 4, 5)):
-        out.append(diffusers_method(
-            f"TaylorSeerCache N={n}", "diffusers TaylorSeerCache", dict(cache_interval=n, max_order=1),
-            lambda p, s, n=n: H.TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=3, max_order=1,
-                                                     taylor_factors_dtype=torch.float32, cache_identifiers=modules)))
+    for n in ((4,) if quick else (3, 4, 5, 6, 7, 8)):
+        for order in ((1,) if quick else (1, 2)):
+            out.append(diffusers_method(
+                f"TaylorSeerCache N={n} O={order}", "diffusers TaylorSeerCache", dict(cache_interval=n, max_order=order),
+                lambda p, s, n=n, order=order: H.TaylorSeerCacheConfig(
+                    cache_interval=n, disable_cache_before_step=3, max_order=order,
+                    taylor_factors_dtype=torch.float32, cache_identifiers=modules)))
     for n in ((2,) if quick else (2, 3, 4)):
         out.append(diffusers_method(
             f"PAB spatial={n}", "diffusers PyramidAttentionBroadcast",

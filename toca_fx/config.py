@@ -79,8 +79,11 @@ class ToCaConfig:
     warm-up calls are fresh too. None: the interval rule."""
     fresh_align: str = "start"
     """Where the fresh steps sit when the generation's length is known: "start" (every ``interval``
-    calls after the warm-up) or "end" (every ``interval`` calls counted back from the last call, so
-    the final calls, where a sampler settles the details, are fresh)."""
+    calls after the warm-up) or "end" (every ``interval`` calls counted back from the first of the
+    ``tail_fresh`` final calls, or from the last call), so the grid ends where the sampler settles
+    the details (measured on the digit model: BENCHMARKS.md, "Where the fresh steps sit")."""
+    tail_fresh: int = 0
+    """The last this-many calls of a generation are fresh (needs the generation's length)."""
     cycle: str = "partial"
     """What the calls between fresh steps do: "partial" (token-wise by the ratio schedule) or "duca"
     (DuCa: odd offsets from the last fresh step token-wise, even offsets aggressive: every branch
@@ -110,11 +113,13 @@ class ToCaConfig:
             bad("staleness_weight", "a number >= 0")
         if self.spatial_bonus is not None and (not isinstance(self.spatial_bonus, (int, float)) or self.spatial_bonus < 0):
             bad("spatial_bonus", "None or a number >= 0")
-        if self.spatial_grid is not None and (not isinstance(self.spatial_grid, int) or self.spatial_grid < 1):
+        if self.spatial_grid is not None and (not isinstance(self.spatial_grid, int) or isinstance(self.spatial_grid, bool)
+                                              or self.spatial_grid < 1):
             bad("spatial_grid", "None or an integer >= 1")
-        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+        if self.num_steps is not None and (not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool)
+                                           or self.num_steps < 1):
             bad("num_steps", "None or an integer >= 1")
-        if not isinstance(self.max_branches, int) or self.max_branches < 1:
+        if not isinstance(self.max_branches, int) or isinstance(self.max_branches, bool) or self.max_branches < 1:
             bad("max_branches", "an integer >= 1")
         if self.timestep_arg is not None and not isinstance(self.timestep_arg, str):
             bad("timestep_arg", "None or a keyword name")
@@ -122,7 +127,8 @@ class ToCaConfig:
             bad("seed", "an integer")
         if self.cache_dtype not in CACHE_DTYPES:
             bad("cache_dtype", f"one of {CACHE_DTYPES}")
-        if self.k_buckets is not None and (not isinstance(self.k_buckets, int) or self.k_buckets < 1):
+        if self.k_buckets is not None and (not isinstance(self.k_buckets, int) or isinstance(self.k_buckets, bool)
+                                           or self.k_buckets < 1):
             bad("k_buckets", "None or an integer >= 1")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 1:
             bad("warmup", "an integer >= 1")
@@ -141,6 +147,8 @@ class ToCaConfig:
             if not isinstance(self.fresh_steps, tuple) or not all(
                     isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.fresh_steps):
                 bad("fresh_steps", "None or a tuple of call indices >= 0")
+        if not isinstance(self.tail_fresh, int) or isinstance(self.tail_fresh, bool) or self.tail_fresh < 0:
+            bad("tail_fresh", "an integer >= 0")
         if self.fresh_align not in ("start", "end"):
             bad("fresh_align", "'start' or 'end'")
         if self.cycle not in CYCLES:
@@ -191,4 +199,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toca-digits": dict(interval=3, fresh_ratio=0.1, ratio_schedule="constant", score="toca"),
     # FORA: whole-module reuse between fresh steps.
     "fora": dict(interval=3, fresh_ratio=0.0, ratio_schedule="constant", score="staleness"),
+    # TaylorSeer-DiT (Shenyi-Z/TaylorSeer): N=5, order 3, first_enhance=2: fresh calls 0, 1, 6, ..., 46 (11 of 50).
+    "taylorseer": dict(interval=5, fresh_ratio=0.0, forecast_order=3, warmup=2, score="staleness"),
+    # toca_fx's forecast at >= 3x FLOPs: order 2, a fresh grid of 4 anchored at the last two calls.
+    "forecast-n4": dict(interval=4, fresh_ratio=0.0, forecast_order=2, warmup=2, fresh_align="end", tail_fresh=2,
+                        score="staleness"),
+    # ... and at >= 4x FLOPs: a grid of 6.
+    "forecast-n6": dict(interval=6, fresh_ratio=0.0, forecast_order=2, warmup=2, fresh_align="end", tail_fresh=2,
+                        score="staleness"),
+    # Token-wise forecasting: 10% of the tokens (ranked by their forecast's last term) computed, the rest forecast.
+    "toca-taylor": dict(interval=5, fresh_ratio=0.1, forecast_order=2, warmup=2, fresh_align="end", tail_fresh=2,
+                        score="forecast-error"),
+    # DuCa (Shenyi-Z/DuCa, DiT README): N=3, r0=0.05; odd offsets token-wise, even offsets aggressive (reuse).
+    "duca": dict(interval=3, fresh_ratio=0.05, cycle="duca", score="toca"),
+    # Adaptive fresh calls from the first block's input change, forecasting in between (at most 6 apart).
+    "toca-adaptive": dict(interval=6, fresh_ratio=0.0, forecast_order=2, warmup=2, adaptive_threshold=0.3,
+                          tail_fresh=2, score="staleness"),
 }

@@ -12,16 +12,21 @@ where one function raises one code from two places):
   _broadcast      token-axes-differ        test_broadcast_refuses_tokens_on_different_axes
   _broadcast      token-size-mismatch      test_broadcast_refuses_other_size_on_token_axis (via aten.cat)
   _broadcast      per-token-no-batch       test_broadcast_refuses_per_token_input_without_batch
+  _identity       no-shape                 test_native_dropout_refuses_outputs_not_shaped_like_input (tampered meta)
   _linear         contracts-token-axis     test_linear_refuses_tokens_on_last_axis
   _linear         token-dependent-weight   test_linear_refuses_token_dependent_weight
   _addmm          operand-no-tokens        test_addmm_refuses_matrix_operand_without_tokens
   _addmm          contracts-token-axis     test_addmm_refuses_tokens_on_columns
-  _addmm          token-token-product      test_addmm_refuses_two_token_operands
+  _addmm          token-token-product      test_addmm_refuses_two_token_operands,
+                                           test_addmm_refuses_token_matrix_times_itself,
+                                           test_addmm_refuses_token_operand_reused_in_another_position
   _layer_norm     reduces-token-axis       test_layer_norm_refuses_token_axis_in_normalised_shape,
                                            test_layer_norm_refuses_batch_axis_in_normalised_shape
   _layer_norm     token-dependent-weight   test_layer_norm_refuses_token_dependent_weight
   _softmax        reduces-token-axis       test_softmax_refuses_token_and_batch_axis[*]
-  _reduce         reduces-token-axis "all axes"             test_reduce_refuses_reduction_over_all_axes[*]
+  _reduce         reduces-token-axis "all axes"             test_reduce_refuses_reduction_over_all_axes[*],
+                                                            test_reduce_refuses_empty_dim_list,
+                                                            test_reduce_refuses_empty_dim_lists_of_other_ops[*]
   _reduce         reduces-token-axis "token or batch axis"  test_reduce_refuses_token_or_batch_axis[*]
   _reshape        reshapes-merged-axis     test_reshape_refuses_other_reshape_of_merged_axis
   _reshape        reshapes-token-axis      test_reshape_refuses_merging_or_splitting_token_axis[*]
@@ -344,12 +349,28 @@ def test_type_as_follows_first_input():
     assert info == AxisInfo(X)
 
 
-@pytest.mark.xfail(strict=True, reason="aten.native_dropout is registered with the identity rule, but its value is a "
-                                       "(output, mask) tuple: _broadcast finds no recorded shape and refuses")
 def test_native_dropout_is_identity():
     info, _ = out_of(lambda x: torch.ops.aten.native_dropout(x, 0.1, False)[0], [(B, N, C)], [X],
                      aten.native_dropout)
     assert info.out == X
+
+
+def test_native_dropout_refuses_outputs_not_shaped_like_input():
+    gm, (x,) = export(lambda x: torch.ops.aten.native_dropout(x, 0.1, False)[0], (B, N, C))
+    node = one(gm, aten.native_dropout)
+    out, mask = node.meta["val"]
+    node.meta["val"] = (out, mask[..., :1])
+    refused(node, {x: X}, "no-shape", "shaped like the input")
+
+def test_native_dropout_mask_and_merged_axis():
+    # both outputs (value, mask) are shaped like the input and carry its axes
+    gm, (x,) = export(lambda x: torch.ops.aten.native_dropout(x, 0.1, True)[1], (B, N, C))
+    node = one(gm, aten.native_dropout)
+    assert prop(node, {x: X}) == AxisInfo(X)
+    mask = [n for n in calls(gm, operator.getitem) if n.args[0] is node and n.args[1] == 1]
+    assert len(mask) == 1 and prop(mask[0], {node: X}) == AxisInfo(X)
+    gm, (y,) = export(lambda y: torch.ops.aten.native_dropout(y, 0.1, False)[0], (B * N, C))
+    assert prop(one(gm, aten.native_dropout), {y: Axes(None, 0, B)}) == AxisInfo(Axes(None, 0, B))
 
 
 # -- _linear -----------------------------------------------------------------------------------
@@ -403,12 +424,17 @@ def test_addmm_refuses_two_token_operands():
     refused(node, {y: Axes(None, 0), w: Axes(None, 0)}, "token-token-product")
 
 
-@pytest.mark.xfail(strict=True, reason="_addmm excludes the token operand itself from its 'both operands carry "
-                                       "tokens' check: mm(x, x) mixes every token into each row but is accepted")
 def test_addmm_refuses_token_matrix_times_itself():
     gm, (y,) = export(lambda y: torch.mm(y, y), (N, N))
     with pytest.raises(NotLocal):
         prop(one(gm, aten.mm), {y: Axes(None, 0)})
+
+
+def test_addmm_refuses_token_operand_reused_in_another_position():
+    gm, (y,) = export(lambda y: torch.mm(y, y), (N, N))
+    refused(one(gm, aten.mm), {y: Axes(None, 0)}, "token-token-product")
+    gm, (y, w) = export(lambda y, w: torch.addmm(y, y, w), (N, N), (N, N))
+    refused(one(gm, aten.addmm), {y: Axes(None, 0)}, "token-token-product")
 
 
 # -- _layer_norm -------------------------------------------------------------------------------
@@ -506,9 +532,6 @@ def test_reduce_refuses_token_or_batch_axis(fn, packet):
     refused(one(gm, packet), {x: X}, "reduces-token-axis", "token or batch axis")
 
 
-@pytest.mark.xfail(strict=True, reason="_reduce reads args[2] as keepdim, but aten.var.dim / aten.std.dim are "
-                                       "(self, dim, unbiased, keepdim): var(1, unbiased=False, keepdim=True) is "
-                                       "treated as keepdim=False and the token axis is shifted")
 def test_reduce_var_dim_reads_keepdim_not_unbiased():
     gm, (x,) = export(lambda x: x.var(1, unbiased=False, keepdim=True), (B, C, N))
     node = one(gm, aten.var)
@@ -517,14 +540,37 @@ def test_reduce_var_dim_reads_keepdim_not_unbiased():
     assert prop(node, {x: Axes(0, 2)}) == AxisInfo(Axes(0, 2))
 
 
-@pytest.mark.xfail(strict=True, reason="an empty dim list reduces over every axis in ATen (sum(x, []) is a "
-                                       "scalar), but _reduce treats it as reducing nothing")
 def test_reduce_refuses_empty_dim_list():
     gm, (x,) = export(lambda x: x.sum(dim=[]), (B, N, C))
     node = one(gm, aten.sum)
     assert node.args[1] == [] and tuple(node.meta["val"].shape) == ()
     with pytest.raises(NotLocal):
         prop(node, {x: X})
+
+
+@pytest.mark.parametrize("fn,packet,in_axes,expect", [
+    (lambda x: x.std(1, unbiased=True, keepdim=True), aten.std, Axes(0, 2), Axes(0, 2)),      # std.dim
+    (lambda x: x.var(1, unbiased=True), aten.var, Axes(0, 2), Axes(0, 1)),                     # keepdim default
+    (lambda x: x.var(1, correction=0, keepdim=True), aten.var, Axes(0, 2), Axes(0, 2)),        # var.correction
+    (lambda x: x.std(1, correction=1, keepdim=False), aten.std, Axes(0, 2), Axes(0, 1)),       # std.correction
+    (lambda x: aten.norm.ScalarOpt_dim(x, 2, [1], True), aten.norm, Axes(0, 2), Axes(0, 2)),   # (self, p, dim, keepdim)
+    (lambda x: torch.linalg.vector_norm(x, 2, 1, True), aten.linalg_vector_norm, Axes(0, 2), Axes(0, 2)),
+], ids=["std-dim", "var-dim-default", "var-correction", "std-correction", "norm", "vector-norm"])
+def test_reduce_reads_keepdim_by_schema_name(fn, packet, in_axes, expect):
+    gm, (x,) = export(fn, (B, C, N))
+    node = one(gm, packet)
+    assert prop(node, {x: in_axes}) == AxisInfo(expect)
+    assert len(node.meta["val"].shape) == (3 if expect == in_axes else 2)
+
+
+@pytest.mark.parametrize("fn,packet", [
+    (lambda x: x.amax(), aten.amax),                   # amax's dim defaults to []
+    (lambda x: x.amin(dim=[]), aten.amin),
+    (lambda x: x.mean(dim=[], keepdim=True), aten.mean),
+], ids=["amax-default", "amin-empty", "mean-empty-keepdim"])
+def test_reduce_refuses_empty_dim_lists_of_other_ops(fn, packet):
+    gm, (x,) = export(fn, (B, N, C))
+    refused(one(gm, packet), {x: X}, "reduces-token-axis", "all axes")
 
 
 # -- _reshape ----------------------------------------------------------------------------------
@@ -608,13 +654,24 @@ def test_reshape_refuses_merging_batch_axis():
     refused(one(gm, aten.view), {x: Axes(1, 0)}, "reshapes-batch-axis")
 
 
-@pytest.mark.xfail(strict=True, reason="with batch size 1, (1, N, C) -> (N, C) (GPT-2's view(-1, C)) is refused "
-                                       "('reshape merges the batch axis'): the merged path is skipped because the "
-                                       "token axis maps through, then the size-1 batch axis has no image")
 def test_reshape_merges_batch_of_one_and_tokens():
     gm, (x,) = export(lambda x: x.view(-1, C), (1, N, C))
     info = prop(one(gm, aten.view), {x: X})
     assert info.out.batch is None and info.out.token == 0
+
+
+def test_reshape_batch_of_one_round_trip():
+    # GPT-2's Conv1D at batch 1: (1, N, C) -> (N, C) -> addmm -> (1, N, 5)
+    gm, (x, b, w) = export(lambda x, b, w: torch.addmm(b, x.view(-1, C), w).view(1, N, 5), (1, N, C), (5,), (C, 5))
+    v1, v2 = calls(gm, aten.view)
+    m = Axes(None, 0, 1)
+    assert prop(v1, {x: X}) == AxisInfo(m)
+    mm = one(gm, aten.addmm)
+    assert prop(mm, {v1: m}) == AxisInfo(m)
+    assert prop(v2, {mm: m}) == AxisInfo(X)
+    # a reshape that keeps the size-1 batch axis is not a merge
+    gm, (x,) = export(lambda x: x.view(1, N, 2, C // 2), (1, N, C))
+    assert prop(one(gm, aten.view), {x: X}) == AxisInfo(X)
 
 
 # -- _transpose / _permute / _unsqueeze / _squeeze / _expand -----------------------------------
@@ -927,8 +984,14 @@ def test_matmul_refuses_contracting_token_axis():
     refused(one(gm, aten.bmm), {x: Axes(0, 2)}, "contracts-token-axis")
 
 
-@pytest.mark.xfail(strict=True, reason="_matmul shifts both axes by out_ndim - ndim(a); a 1-D right operand drops "
-                                       "the last axis instead: (B, N, C) @ (C,) -> (B, N) gives Axes(-1, 0)")
 def test_matmul_with_vector_keeps_leading_axes():
     info, _ = out_of(lambda x, w: x.matmul(w), [(B, N, C), (C,)], [X, None], aten.matmul)
     assert info == AxisInfo(X)
+
+
+def test_matmul_broadcasts_a_matrix_against_a_batched_right_operand():
+    # (N, C) @ (B, C, 5) -> (B, N, 5): tokens move to axis 1; a 1-D right operand keeps a batch-less axis
+    info, _ = out_of(lambda y, w: y.matmul(w), [(N, C), (B, C, 5)], [Axes(None, 0), None], aten.matmul)
+    assert info == AxisInfo(Axes(None, 1))
+    info, _ = out_of(lambda y, w: y.matmul(w), [(N, C), (C,)], [Axes(None, 0), None], aten.matmul)
+    assert info == AxisInfo(Axes(None, 0))

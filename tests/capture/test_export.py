@@ -163,15 +163,95 @@ class Mutating(nn.Module):
         return self.lin(x)
 
 
-@pytest.mark.xfail(strict=True, reason="capture_block detects state mutation only through BUFFER_MUTATION / "
-                                       "USER_INPUT_MUTATION output specs, which torch.export's (non-functional) "
-                                       "default IR no longer produces in torch 2.13: in-place ops stay in the graph "
-                                       "and a reassigned buffer is silently dropped; the block is captured")
 @pytest.mark.parametrize("how", ["add_", "copy_", "assign"])
 def test_block_mutating_a_buffer_raises_capture_failure(how):
     blk = Mutating(how)
     with pytest.raises(CaptureFailure):
         capture(blk, torch.randn(B, N, C))
+
+
+class MutatingMore(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(C, C)
+        self.register_buffer("table", torch.zeros(4))
+        self.const = torch.zeros(4)                  # a lifted constant
+
+    def forward(self, x):
+        how = self.how
+        if how == "view":
+            self.table[0].add_(1)                    # in place on a view of the buffer
+        elif how == "setitem":
+            self.table[1:] = 3.0                     # fill_ on a slice
+        elif how == "split":
+            self.table.split(2)[1].zero_()           # through a multi-output view
+        elif how == "out":
+            torch.add(x[0, 0, :4], 1, out=self.table)
+        elif how == "param":
+            self.lin.bias.add_(1)
+        elif how == "constant":
+            self.const.mul_(2)
+        elif how == "const-assign":
+            self.const = self.const + 1
+        elif how == "param-assign":
+            self.lin.bias = nn.Parameter(self.lin.bias * 2)
+        elif how == "input":
+            x.mul_(2)                                # the caller's tensor
+        elif how == "grad-region":
+            with torch.enable_grad():                # a wrap_with_set_grad_enabled subgraph
+                self.table.add_(1)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("how,what", [
+    ("view", "buffer 'table'"), ("setitem", "buffer 'table'"), ("split", "buffer 'table'"),
+    ("out", "buffer 'table'"), ("param", "parameter 'lin.bias'"), ("constant", "constant 'inner.const'"),
+    ("const-assign", "'const'"), ("param-assign", "parameter 'lin.bias'"), ("input", "user input 0"),
+    ("grad-region", "buffer 'table'"),
+])
+def test_block_mutating_its_state_raises_capture_failure_naming_it(how, what):
+    with pytest.raises(CaptureFailure) as ei:
+        capture(MutatingMore(how), torch.randn(B, N, C))
+    msg = str(ei.value)
+    assert what in msg and "side effect" in msg and "\n" not in msg
+
+
+def test_mutation_messages_name_the_op_and_the_buffer():
+    for how, fragment in [("add_", "aten.add_.Tensor writes buffer 'count'"),
+                          ("copy_", "aten.copy_.default writes buffer 'count'"),
+                          ("assign", "reassigns its state in forward (buffer 'count')")]:
+        with pytest.raises(CaptureFailure) as ei:
+            capture(Mutating(how), torch.randn(B, N, C))
+        assert fragment in str(ei.value), str(ei.value)
+
+
+class InPlaceOnIntermediates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(C, C)
+        self.register_buffer("scale", torch.full((C,), 0.5))
+
+    def forward(self, x):
+        y = self.lin(x)
+        y.mul_(2)                                    # intermediate tensors may be written in place
+        y[:, 0].add_(1)
+        s = self.scale.clone()
+        s.add_(1)
+        with torch.enable_grad():
+            z = y * 2
+            z.add_(s)
+        self._memo = z.detach()                      # a new plain attribute: a memo, not state the graph reads
+        return z
+
+
+def test_in_place_ops_on_intermediates_are_captured():
+    blk = InPlaceOnIntermediates()
+    x = torch.randn(B, N, C)
+    cap = capture(blk, x)
+    assert any(getattr(n.target, "__name__", "") == "mul_.Tensor" for n in cap.gm.graph.nodes)
+    assert torch.allclose(run(cap, blk, x), blk(x))
+    assert torch.equal(blk.scale, torch.full((C,), 0.5))
 
 
 # -- signature_of ------------------------------------------------------------------------------

@@ -81,6 +81,22 @@ def _norm(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
+def _arg(node: fx.Node, name: str, default=None):
+    """The argument ``name`` of an ATen call, read by its schema name (positional or keyword),
+    or its schema default; ``default`` when the overload has no such argument."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.kwargs.get(name, default)
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == name:
+            if not arg.kwarg_only and i < len(node.args):
+                return node.args[i]
+            if name in node.kwargs:
+                return node.kwargs[name]
+            return arg.default_value if arg.has_default_value() else default
+    return default
+
+
 def _single_input(node: fx.Node, axes: dict) -> tuple[fx.Node, Axes]:
     a = node.args[0]
     if not isinstance(a, fx.Node) or a not in axes:
@@ -141,6 +157,13 @@ def _pointwise(node, axes):
       aten.type_as, aten.lift_fresh_copy, aten.native_dropout)
 def _identity(node, axes):
     a, ax = _single_input(node, axes)
+    v = val(node)
+    if isinstance(v, (tuple, list)):
+        # several outputs (native_dropout: (output, mask)), each shaped like the input: the node
+        # carries the input's axes and getitem passes them on (as for split)
+        if not v or not all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape(a) for t in v):
+            raise NotLocal(node, "no-shape", "outputs are not all shaped like the input")
+        return AxisInfo(ax)
     info = _broadcast(node, axes, [a])
     return info
 
@@ -158,13 +181,15 @@ def _linear(node, axes):
 
 @rule(aten.addmm, aten.mm)
 def _addmm(node, axes):
-    x = node.args[1] if packet(node) is aten.addmm else node.args[0]
+    i = 1 if packet(node) is aten.addmm else 0
+    x = node.args[i]
     if x not in axes:
         raise NotLocal(node, "operand-no-tokens", "matrix operand does not carry tokens")
     ax = axes[x]
     if ax.token != 0:
         raise NotLocal(node, "contracts-token-axis", "matrix product contracts the token axis")
-    others = [a for a in node.args if isinstance(a, fx.Node) and a is not x]
+    # by position, not by node: mm(x, x) multiplies the token matrix by itself
+    others = [a for j, a in enumerate(node.args) if j != i and isinstance(a, fx.Node)]
     if any(a in axes for a in others):
         raise NotLocal(node, "token-token-product", "both operands carry tokens")
     return AxisInfo(ax)
@@ -196,20 +221,16 @@ def _softmax(node, axes):
 def _reduce(node, axes):
     a, ax = _single_input(node, axes)
     nd = len(shape(a))
-    dims = None
-    keep = False
-    p = packet(node)
-    if p in (aten.linalg_vector_norm, aten.norm):
-        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
-    else:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    if dims is None:
-        raise NotLocal(node, "reduces-token-axis", "reduces over all axes")
+    # by schema name: var.dim / std.dim are (self, dim, unbiased, keepdim), norm is (self, p, dim,
+    # keepdim), var.correction's keepdim is keyword-only
+    dims = _arg(node, "dim")
+    keep = bool(_arg(node, "keepdim", False))
     if isinstance(dims, int):
         dims = [dims]
-    dims = sorted(_norm(d, nd) for d in dims)
+    if dims is None or len(dims) == 0:
+        # no dim (sum.default, norm.Scalar) or an empty list (sum(x, []), amax's default): every axis
+        raise NotLocal(node, "reduces-token-axis", "reduces over all axes")
+    dims = sorted({_norm(d, nd) for d in dims})
     if ax.token in dims or (ax.batch is not None and ax.batch in dims):
         raise NotLocal(node, "reduces-token-axis", "reduces over the token or batch axis")
     if keep:
@@ -242,12 +263,13 @@ def _reshape(node, axes):
         if t is None:
             raise NotLocal(node, "reshapes-merged-axis", f"reshape of a flattened batch x token axis ({list(ins)} -> {list(outs)})")
         return AxisInfo(Axes(None, t, ax.merged))
-    if ax.batch is not None and ax.batch == ax.token - 1:
-        # (B, N, ...) -> (B*N, ...): batch and tokens flattened together (GPT-2's Conv1D)
+    if ax.batch is not None and ax.batch == ax.token - 1 and (
+            _map_through_reshape(ins, outs, ax.token) is None or _map_through_reshape(ins, outs, ax.batch) is None):
+        # (B, N, ...) -> (B*N, ...): batch and tokens flattened together (GPT-2's Conv1D). With
+        # B == 1 the token axis itself maps through and the batch axis has no image: the same merge.
         pre = math.prod(ins[:ax.batch])
         for j in range(len(outs)):
-            if outs[j] == ins[ax.batch] * ins[ax.token] and math.prod(outs[:j]) == pre and \
-                    _map_through_reshape(ins, outs, ax.token) is None:
+            if outs[j] == ins[ax.batch] * ins[ax.token] and math.prod(outs[:j]) == pre:
                 return AxisInfo(Axes(None, j, ins[ax.batch]))
     t = _map_through_reshape(ins, outs, ax.token)
     if t is None:
@@ -408,8 +430,12 @@ def _matmul(node, axes):
     nd_a = len(shape(a))
     if aa.token == nd_a - 1:
         raise NotLocal(node, "contracts-token-axis", "matmul contracts the token axis")
-    info = AxisInfo(Axes(aa.batch + (_out_ndim(node) - nd_a) if aa.batch is not None else None,
-                         aa.token + (_out_ndim(node) - nd_a)))
+    bs = shape(b)
+    if bs is not None and len(bs) == 1:
+        off = 0     # (..., N, C) @ (C,) -> (..., N): the last axis is dropped, the others stay
+    else:
+        off = _out_ndim(node) - nd_a    # a's leading axes broadcast against b's batch axes
+    info = AxisInfo(Axes(aa.batch + off if aa.batch is not None else None, aa.token + off))
     if isinstance(b, fx.Node) and b in axes:
         info.mixing_inputs = [b]   # attention scores / attention x values: mixes over keys
     return info
@@ -423,7 +449,7 @@ def _getitem(node, axes):
 
 _MERGED_OK = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.addmm, aten.mm,
               aten.linear, aten.dropout, aten.clone, aten.contiguous, aten.to, aten._to_copy, aten.alias,
-              aten.detach, aten.type_as}
+              aten.detach, aten.type_as, aten.native_dropout}
 
 
 def propagate(node: fx.Node, axes: dict) -> AxisInfo:

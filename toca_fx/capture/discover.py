@@ -43,8 +43,8 @@ def find_block_lists(model: nn.Module) -> tuple[list[BlockList], list[str]]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList):
             continue
-        if any(name.startswith(bl.name + ".") for bl in found):
-            continue
+        if any(bl.name == "" or name.startswith(bl.name + ".") for bl in found):
+            continue   # inside an accepted candidate (a root candidate, name '', holds every module)
         children = list(mod)
         label = name or "<root>"
         if not children:

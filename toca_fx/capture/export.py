@@ -9,6 +9,7 @@ data-dependent values into the graph, so neither is used.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,8 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, call_original) ->
     graph mutates block state (a cache must not hide a side effect).
     """
 
+    reassigned: list[str] = []
+
     class _Original(nn.Module):
         # Exports the block's own forward even while toca_fx has replaced block.forward.
         def __init__(self, inner: nn.Module):
@@ -108,7 +111,12 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, call_original) ->
             self.inner = inner
 
         def forward(self, *a, **k):
-            return call_original(*a, **k)
+            # torch.export drops an assignment to a submodule's buffer (`self.b = self.b + 1`) from
+            # the graph and restores the attribute afterwards: compare the state objects around the call.
+            before = _state_objects(self.inner)
+            out = call_original(*a, **k)
+            reassigned.extend(_reassigned(before, _state_objects(self.inner)))
+            return out
 
     t0 = time.perf_counter()
     wrapper = _Original(block)
@@ -118,6 +126,9 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, call_original) ->
     except Exception as exc:  # export raises many types; the reason is what matters
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureFailure(f"torch.export could not capture one graph ({type(exc).__name__}: {msg[:300]})") from exc
+    if reassigned:
+        raise CaptureFailure(f"block reassigns its state in forward ({', '.join(dict.fromkeys(reassigned))}); "
+                             "caching would hide the side effect")
     sig = ep.graph_signature
     lifted: list[tuple[str, str]] = []
     user = 0
@@ -143,6 +154,12 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, call_original) ->
     if len(flat) != user:
         raise CaptureFailure(f"captured graph takes {user} user inputs for {len(flat)} flattened call leaves")
     gm = ep.graph_module
+    names = [f"{'parameter' if kind == 'param' else kind} {target!r}" for kind, target in lifted]
+    names += [f"user input {i}" for i in range(user)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mutation = _first_mutation(gm, dict(zip(placeholders, names)))
+    if mutation is not None:
+        raise CaptureFailure(f"block mutates its state ({mutation}); caching would hide the side effect")
     # Shape checks are not needed at run time: the runtime only calls a capture for its own signature.
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
@@ -161,3 +178,86 @@ _ASSERT_OPS = {
     torch.ops.aten._assert_scalar.default,
     torch.ops.aten.sym_constrain_range_for_size.default,
 }
+
+
+# -- state mutation ------------------------------------------------------------------------------
+
+def _state_objects(module: nn.Module) -> dict[str, Any]:
+    """Every parameter, buffer and tensor attribute of ``module`` and its submodules, by name."""
+    objs: dict[str, Any] = {}
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        pre = prefix + "." if prefix else ""
+        for kind, table in (("parameter", m._parameters), ("buffer", m._buffers)):
+            for k, v in table.items():
+                objs[f"{kind} {pre + k!r}"] = v
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor):
+                objs[f"tensor attribute {pre + k!r}"] = v
+    return objs
+
+
+def _reassigned(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The state entries replaced or deleted between two ``_state_objects`` snapshots, and the
+    parameters/buffers added (a plain tensor attribute set for the first time is a memo, not state
+    the graph reads)."""
+    out = [k for k, v in before.items() if k not in after or after[k] is not v]
+    out += [k for k in after if k not in before and not k.startswith("tensor attribute")]
+    return out
+
+
+def _tensor_nodes(value: Any) -> list[torch.fx.Node]:
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.fx.Node)]
+
+
+def _first_mutation(gm: torch.fx.GraphModule, roots: dict[torch.fx.Node, str]) -> str | None:
+    """The first write, in ``gm``, to a placeholder of ``roots`` (or to a view of one), described,
+    or None. ``roots`` maps the placeholders that hold state (lifted parameters, buffers and
+    constants, the caller's inputs) to their names.
+
+    An argument that a schema annotates ``Tensor(a!)`` is written (``add_``, ``copy_``, ``fill_``,
+    ``out=``, any custom op's mutated argument); one annotated ``Tensor(a)`` is aliased by the
+    output (``view``, ``select``, ``split``), so a write to that output writes the placeholder.
+    In-place ops on intermediate tensors are not reported. Subgraphs of higher-order ops
+    (``wrap_with_set_grad_enabled``) are searched with their operands mapped to their placeholders.
+    """
+    alias: dict[torch.fx.Node, str] = dict(roots)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            if isinstance(node.args[0], torch.fx.Node) and node.args[0] in alias:
+                alias[node] = alias[node.args[0]]
+            continue
+        if isinstance(target, torch._ops.OpOverload):
+            for i, arg in enumerate(target._schema.arguments):
+                if arg.alias_info is None:
+                    continue
+                value = node.args[i] if i < len(node.args) and not arg.kwarg_only else node.kwargs.get(arg.name)
+                hit = [alias[x] for x in _tensor_nodes(value) if x in alias]
+                if not hit:
+                    continue
+                if arg.alias_info.is_write:
+                    return f"{target} writes {hit[0]}"
+                alias[node] = hit[0]        # a view of the placeholder
+            continue
+        subs = [(i, getattr(gm, a.target)) for i, a in enumerate(node.args)
+                if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule)]
+        if not subs:
+            continue
+        operands = _tensor_nodes(node.args[subs[-1][0] + 1:]) + _tensor_nodes(node.kwargs)
+        if not any(x in alias for x in operands):
+            continue
+        for _, sub in subs:
+            phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            if len(phs) == len(operands):
+                sub_roots = {ph: alias[x] for ph, x in zip(phs, operands) if x in alias}
+            else:   # operands not matched one to one: any placeholder may hold the state
+                state = next(alias[x] for x in operands if x in alias)
+                sub_roots = {ph: state for ph in phs}
+            found = _first_mutation(sub, sub_roots)
+            if found is not None:
+                return f"{found} in {getattr(target, '__name__', target)}"
+        # the outputs of a higher-order op are fresh tensors (its subgraph cannot return a view of an input)
+    return None

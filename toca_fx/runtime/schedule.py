@@ -60,9 +60,12 @@ def is_fresh(config: "ToCaConfig", step: int, last_fresh: int | None, progress: 
         return True
     if config.fresh_steps is not None:
         return step in config.fresh_steps
+    if num_steps and num_steps - config.tail_fresh <= step < num_steps:
+        return True
     sched = SCHEDULES[config.ratio_schedule]
     if config.fresh_align == "end" and num_steps and not sched.vary_interval and step < num_steps:
-        return (num_steps - 1 - step) % config.interval == 0
+        anchor = num_steps - max(config.tail_fresh, 1)
+        return (anchor - step) % config.interval == 0
     return step - last_fresh >= fresh_interval(config, progress)
 
 

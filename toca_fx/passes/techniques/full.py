@@ -26,7 +26,11 @@ class Full(Technique):
             if spec.is_filled:
                 p.b.output(StateOutput(spec.buffer), p.b.env[spec.node])
         p.b.call(aten.zero_.default, p.state(Buffer(site.name, "stale")))
-        refresh(p, site, p.value(site))
+        # the refreshes read F: insert them after it, before its first reader
+        fv = p.value(site)
+        order = {n: i for i, n in enumerate(p.b.graph.nodes)}
+        with p.b.graph.inserting_before(min(fv.users, key=order.__getitem__)):
+            refresh(p, site, fv)
 
 
 register(Full())
