@@ -135,6 +135,12 @@ def test_cli_demo_quick(tmp_path, capsys):
     psnr_check = "ToCa PSNR > FORA's at the same FLOPs ratio"
     assert checks[psnr_check] == (toca["psnr"] > report["fora_at_toca_ratio"]["psnr"])
     assert (f"[ ] {psnr_check}" in out) == ("ToCa trails FORA on PSNR on this model" in out) == (not checks[psnr_check])
+    # the best forecasting preset, from the same noise, with its own checks computed from its row
+    fc = report["forecast"]
+    assert fc["name"] == "forecast-n4" and "forecast-n4" in out and fc["psnr"] >= 25.0
+    assert checks["forecast-n4 FLOPs ratio >= 3"] == (fc["flops_ratio"] >= 3.0)
+    assert checks["forecast-n4 PSNR > ToCa's and > FORA's at ToCa's FLOPs ratio"] == (
+        fc["psnr"] > toca["psnr"] and fc["psnr"] > report["fora_at_toca_ratio"]["psnr"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -30,6 +30,7 @@ from .errors import ToCaError
 
 PROG = "toca-fx"
 DEMO_PRESET = "toca-digits"
+FORECAST_PRESET = "forecast-n4"     # toca_fx's best measured preset at >= 3x FLOPs on the digit model
 
 
 class UsageError(Exception):
@@ -175,11 +176,18 @@ def cmd_demo(args) -> int:
     for interval in intervals:
         fora_config = ToCaConfig.preset("fora", interval=interval, compile=args.compile)
         runs.append(_measure_toca(model, fora_config, f"fora N={interval}", labels, kw, flops_kw))
+    runs.append(_measure_toca(model, ToCaConfig.preset(FORECAST_PRESET, compile=args.compile), FORECAST_PRESET,
+                              labels, kw, flops_kw))
 
     rows = compare(runs, labels, classifier)
+    forecast = rows.pop()
     fora = fora_at(rows[1]["flops_ratio"], rows[2:])
     checks = demo_checks(rows[0], rows[1], fora)
-    print(format_table(rows))
+    checks[f"{FORECAST_PRESET} FLOPs ratio >= 3"] = forecast["flops_ratio"] >= 3.0
+    checks[f"{FORECAST_PRESET} PSNR > ToCa's and > FORA's at ToCa's FLOPs ratio"] = (
+        forecast["psnr"] > rows[1]["psnr"] and forecast["psnr"] > fora["psnr"])
+    checks[f"{FORECAST_PRESET} SSIM >= ToCa's"] = forecast["ssim"] >= rows[1]["ssim"]
+    print(format_table(rows + [forecast]))
     print(f"FORA at ToCa's FLOPs ratio {fora['flops_ratio']:.2f}x ({fora['method']}): PSNR {fora['psnr']:.2f} dB, "
           f"SSIM {fora['ssim']:.4f}, FD {fora['frechet_distance']:.3f}")
     print("FLOPs ratio: uncached / this run, whole model, torch FlopCounterMode over one sampling loop; wall ratio: "
@@ -197,13 +205,13 @@ def cmd_demo(args) -> int:
 
     grid_path, json_path = out / "demo_grid.png", out / "demo.json"
     titles = [f"{r['name']}: {r['flops_ratio']:.2f}x FLOPs" + ("" if r["psnr"] is None else f", PSNR {r['psnr']:.1f} dB")
-              for r in rows]
+              for r in rows + [forecast]]
     save_grid([(t, r.images) for t, r in zip(titles, runs)], grid_path)
     settings = dict(steps=args.steps, images=args.images, preset=args.preset, seed=args.seed, guidance=args.guidance,
                     device=args.device, compile=args.compile, repeats=args.repeats, fora_intervals=intervals,
                     quick=args.quick)
-    report = dict(settings=settings, machine=machine_info(), results=rows, fora_at_toca_ratio=fora, checks=checks,
-                  grid=str(grid_path))
+    report = dict(settings=settings, machine=machine_info(), results=rows, forecast=forecast, fora_at_toca_ratio=fora,
+                  checks=checks, grid=str(grid_path))
     try:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     except OSError as e:
