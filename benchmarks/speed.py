@@ -192,8 +192,8 @@ def main(argv=None):
         f1 = f0 - (stats.flops_original - stats.flops_actual) / args.repeats
         stats.calls = {k: v // args.repeats for k, v in stats.calls.items()}
         k_shapes = k_shapes_by_class(cached)
-    transform_s = sum(r.seconds for p in toca_fx.explain(cached).programs if p.failed is None
-                      for r in p.stages.values())
+    programs = [p for p in toca_fx.explain(cached).programs if p.failed is None]
+    transform_s = sum(r.seconds for p in programs for r in p.stages.values())
     flops_ratio = f0 / f1
     wall_ratio = statistics.median(t_orig) / statistics.median(t_toca)
     result.update(
@@ -201,7 +201,7 @@ def main(argv=None):
         seconds_original=statistics.median(t_orig), seconds_toca=statistics.median(t_toca),
         wall_ratio=wall_ratio, wall_over_flops=wall_ratio / flops_ratio,
         warmup_seconds_original=warm_o, warmup_seconds_toca=warm_c, transform_seconds=transform_s,
-        variants=sum(1 + len(e.partials) for e in entries), compiled_variants=sum(len(e.compiled) for e in entries),
+        variants=sum(len(p.variants) for p in programs), compiled_variants=sum(len(p.compiled) for p in programs),
         cache_bytes=toca_fx.stats(cached).cache_bytes, calls=dict(stats.calls),
         flops_toca_blocks_ratio=stats.flops_ratio, k_shapes=k_shapes,
         seconds_original_all=t_orig, seconds_toca_all=t_toca,

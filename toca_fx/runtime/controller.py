@@ -181,7 +181,7 @@ class Controller:
             fresh = schedule.is_fresh(cfg, br.step, br.last_fresh, progress, self.num_steps)
         if fresh:
             br.last_fresh = br.step
-        aggressive = not fresh and cfg.cycle == "duca" and (br.step - br.last_fresh) % 2 == 0
+        aggressive = schedule.is_aggressive(cfg, br.step, br.last_fresh, fresh)
         s = float(br.step) if cfg.forecast_variable == "step" or t is None else t
         self.current = CallInfo(branch=key, step=br.step, fresh=fresh, progress=progress, aggressive=aggressive, s=s,
                                 adapted=cfg.adaptive_threshold is None)
@@ -211,7 +211,7 @@ class Controller:
             br.last_fresh = call.step
         if fresh:
             br.change = 0.0
-        call.aggressive = not fresh and cfg.cycle == "duca" and (call.step - br.last_fresh) % 2 == 0
+        call.aggressive = schedule.is_aggressive(cfg, call.step, br.last_fresh, fresh)
 
     _keep_steps = False
 

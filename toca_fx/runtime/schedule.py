@@ -69,6 +69,11 @@ def is_fresh(config: "ToCaConfig", step: int, last_fresh: int | None, progress: 
     return step - last_fresh >= fresh_interval(config, progress)
 
 
+def is_aggressive(config: "ToCaConfig", step: int, last_fresh: int, fresh: bool) -> bool:
+    """DuCa's cycle: a non-fresh call at an even offset from the last fresh one recomputes nothing."""
+    return not fresh and config.cycle == "duca" and (step - last_fresh) % 2 == 0
+
+
 def ratio(config: "ToCaConfig", progress: float | None, layer: int, num_layers: int, kind: str) -> float:
     """r(t, l, m) = clamp(r0 * f_step * f_layer * f_module, 0, 1)."""
     sched = SCHEDULES[config.ratio_schedule]
