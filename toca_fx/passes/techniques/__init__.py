@@ -57,6 +57,11 @@ class Technique:
         return k if self.uses_k else site.n_tokens
 
 
+def needs_local(site: Site) -> Refusal | bool:
+    """True for a token-local site; else the refusal every token-wise technique gives."""
+    return site.local or Refusal("not-local", f"site {site.name} is not token-local ({site.reason})")
+
+
 def register(technique: Technique) -> Technique:
     if technique.name in TECHNIQUES:
         raise ValueError(f"technique {technique.name!r} is registered twice")

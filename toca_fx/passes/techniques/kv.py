@@ -7,7 +7,7 @@ from __future__ import annotations
 from ...errors import Refusal
 from ..bindings import Buffer, StateSpec
 from ..common import copy_region_on_k_tokens, static_shape
-from . import Technique, register
+from . import Technique, needs_local, register
 
 
 class PartialKV(Technique):
@@ -18,7 +18,7 @@ class PartialKV(Technique):
 
     def possible(self, site):
         if not site.local:
-            return Refusal("not-local", f"site {site.name} is not token-local ({site.reason})")
+            return needs_local(site)
         if site.kv is not None:
             return True
         return site.kv_refusal if site.kv_refusal is not None else Refusal("kv-none", "no key/value side")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ...errors import Refusal
 from ..common import copy_region_on_k_tokens, static_shape
 from ..taylor import Taylor, can_forecast
-from . import Technique, register
+from . import Technique, needs_local, register
 
 
 class PartialForecast(Technique):
@@ -19,7 +19,7 @@ class PartialForecast(Technique):
 
     def possible(self, site):
         if not site.local:
-            return Refusal("not-local", f"site {site.name} is not token-local ({site.reason})")
+            return needs_local(site)
         return can_forecast(site) or Refusal("no-row-axes", f"site {site.name}: no separate batch and token axes")
 
     def applies(self, site, k, config) -> bool:

@@ -8,10 +8,9 @@ partial machinery, not a shortcut around it.
 
 from __future__ import annotations
 
-from ...errors import Refusal
 from ..bindings import Buffer
 from ..common import copy_region_on_k_tokens, static_shape
-from . import Technique, register
+from . import Technique, needs_local, register
 
 
 class Partial(Technique):
@@ -21,7 +20,7 @@ class Partial(Technique):
     uses_k = True
 
     def possible(self, site):
-        return site.local or Refusal("not-local", f"site {site.name} is not token-local ({site.reason})")
+        return needs_local(site)
 
     def applies(self, site, k, config) -> bool:
         return site.local
