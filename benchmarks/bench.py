@@ -133,6 +133,19 @@ def toca_methods(quick: bool) -> list[Method]:
     for n in (4, 5, 6, 7, 8):
         out.append(toca_method(f"forecast N={n} O=2 end", "toca_fx forecasting (N sweep)",
                                P("forecast-n4", interval=n)))
+    # Token-wise forecasting along the same N sweep: its curve against module-wise forecasting's at equal FLOPs.
+    for n in (4, 6, 8):
+        for r in (0.05, 0.1):
+            out.append(toca_method(f"toca-taylor N={n} r0={r}", "toca_fx token-wise forecasting (N, r0 sweep)",
+                                   P("toca-taylor", interval=n, fresh_ratio=r)))
+    # Adaptive fresh calls: the threshold against the fixed grids (interval = the most calls between fresh ones).
+    for n, thr in ((6, 0.2), (6, 0.5), (8, 0.3), (8, 0.5)):
+        out.append(toca_method(f"toca-adaptive N<={n} thr={thr}", "toca_fx adaptive (threshold sweep)",
+                               P("toca-adaptive", interval=n, adaptive_threshold=thr)))
+    # Difference tables in bf16 (half their memory): what it costs the forecast.
+    for name in ("forecast-n4", "forecast-n6"):
+        out.append(toca_method(f"{name} cache_dtype=bfloat16", "toca_fx cache dtype",
+                               P(name, cache_dtype="bfloat16")))
     base = P("toca-digits")
     # bf16 caches for the fp32 model (half the cache memory): the quality it costs
     out.append(toca_method("toca-digits cache_dtype=bfloat16", "toca_fx cache dtype", base.replace(cache_dtype="bfloat16")))
@@ -404,7 +417,9 @@ def markdown(report: dict) -> str:
         v = versus_fora(r, rows)
         vs = "| - | - |" if v is None else f"| {v['psnr']:+.2f} | {v['frechet_distance']:+.1f} |"
         lines.append(f"| {r['family']} | {r['name']} | {r['flops_ratio']:.2f}x | {r['wall_ratio']:.2f}x | {psnr} | "
-                     f"{r['ssim']:.4f} | {r['frechet_distance']:.1f} | {r['class_agreement']:.2f} {vs}")
+                     f"{r['ssim']:.5f} | {r['frechet_distance']:.1f} | {r['class_agreement']:.2f} {vs}")
+    lines += ["", "Best at a FLOPs ratio of at least 3x / 4x (highest PSNR of each side; SSIM of the same row):", "",
+              *frontier_lines([report])]
     u = report.get("uncached_wall_s")
     secs = lambda ts: ", ".join(f"{t:.1f}" for t in ts)  # noqa: E731
     if u and u.get("shards"):
@@ -426,6 +441,41 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FRONTIER_AT = (3.0, 4.0)
+
+
+def is_toca_fx(row: dict) -> bool:
+    return row["family"].startswith("toca_fx")
+
+
+def best_at(rows: list[dict], at: float, side) -> dict | None:
+    """The row of ``side`` (a predicate) with the highest PSNR among those at a FLOPs ratio >= ``at``."""
+    pts = [r for r in rows if side(r) and r["psnr"] is not None and r["flops_ratio"] >= at]
+    return max(pts, key=lambda r: r["psnr"], default=None)
+
+
+def frontier_lines(reports: list[dict]) -> list[str]:
+    """A table, one row per (seed, FLOPs threshold): toca_fx's best configuration against the best anchor
+    (every diffusers / cache-dit method), on PSNR and on SSIM, and whether toca_fx is ahead on both."""
+    lines = ["| seed | at | toca_fx best | FLOPs | PSNR dB | SSIM | best anchor | FLOPs | PSNR dB | SSIM | ahead on both |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    anchor = lambda r: r["family"].startswith(("diffusers", "cache-dit"))  # noqa: E731
+    for rep in reports:
+        rows = rep["results"]
+        for at in FRONTIER_AT:
+            ours, theirs = best_at(rows, at, is_toca_fx), best_at(rows, at, anchor)
+            if ours is None:
+                continue
+            # SSIM of the anchors: their best SSIM at this ratio, which need not be the best-PSNR row.
+            their_ssim = max((r["ssim"] for r in rows if anchor(r) and r["flops_ratio"] >= at), default=None)
+            cell = lambda r: "none | - | - | -" if r is None else (  # noqa: E731
+                f"{r['family']}: {r['name']} | {r['flops_ratio']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.5f}")
+            ahead = theirs is None or (ours["psnr"] > theirs["psnr"] and ours["ssim"] > their_ssim)
+            lines.append(f"| {rep['settings']['seed']} | >= {at:g}x | {cell(ours)} | {cell(theirs)} | "
+                         f"{'yes' if ahead else 'no'} |")
+    return lines
+
+
 FAMILY_STYLE = {
     "uncached": ("*", "black"),
     "toca_fx ToCa (presets)": ("o", "C3"),
@@ -435,6 +485,10 @@ FAMILY_STYLE = {
     "toca_fx scores": ("P", "C5"),
     "toca_fx cache dtype": ("*", "C5"),
     "toca_fx N=1": ("+", "gray"),
+    "toca_fx forecasting / DuCa / adaptive (presets)": ("*", "C3"),
+    "toca_fx forecasting (N sweep)": ("p", "C3"),
+    "toca_fx token-wise forecasting (N, r0 sweep)": ("h", "C1"),
+    "toca_fx adaptive (threshold sweep)": ("8", "C5"),
     "diffusers FirstBlockCache": ("^", "C2"),
     "diffusers TaylorSeerCache": ("v", "C4"),
     "diffusers PyramidAttentionBroadcast": ("<", "C6"),
@@ -462,7 +516,7 @@ def plot(report: dict, path: Path) -> None:
         axes[1].scatter([r["flops_ratio"] for r in pts], [min(r["psnr"], 60) for r in pts], marker=marker,
                         color=color, label=fam, s=45, alpha=0.85)
     for r in rows:
-        if r["family"] == "toca_fx ToCa (presets)":
+        if r["family"] in ("toca_fx ToCa (presets)", "toca_fx forecasting / DuCa / adaptive (presets)"):
             axes[0].annotate(r["name"], (r["flops_ratio"], r["frechet_distance"]), fontsize=7, xytext=(4, 4),
                              textcoords="offset points")
             axes[1].annotate(r["name"], (r["flops_ratio"], r["psnr"]), fontsize=7, xytext=(4, 4),
@@ -504,7 +558,16 @@ def main(argv=None) -> int:
     ap.add_argument("--replot", action="store_true", help="no runs: rewrite bench.md and pareto.png from bench.json")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                     help="no runs: join the bench.json of shards (runs of --only on separate cores) into --out")
+    ap.add_argument("--frontier", type=Path, nargs="+", metavar="DIR",
+                    help="no runs: the best-at-3x/4x table over the bench.json of several runs (e.g. one per seed), "
+                         "written to --out/frontier.md")
     args = ap.parse_args(argv)
+    if args.frontier:
+        text = "\n".join(frontier_lines([json.loads((d / "bench.json").read_text()) for d in args.frontier])) + "\n"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "frontier.md").write_text(text)
+        print(text)
+        return 0
     torch.set_num_threads(args.threads)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
