@@ -145,6 +145,7 @@ class Stats:
     paired: bool | None = None                     # CFG halves detected in one batch (None: no call yet)
     branches: dict = field(default_factory=dict)   # CFG branch -> {"step": calls so far, "last_fresh": step}
     num_steps: int | None = None                   # calls per branch of the current generation, if known
+    site_bytes: dict = field(default_factory=dict)  # "<block>.<site>" -> cache bytes, all CFG branches
 
     @property
     def flops_ratio(self) -> float:
@@ -162,7 +163,7 @@ class Stats:
                  f"({self.flops_score / max(self.flops_actual, 1):.1%})",
                  f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]
         w = max([len(n) for n in self.sites] + [4])
-        lines.append(f"  {'site':<{w}} {'fresh':>6} {'partial':>7} {'reuse':>6} {'fcast':>6} {'full':>5}  "
+        lines.append(f"  {'site':<{w}} {'fresh':>6} {'partial':>7} {'reuse':>6} {'fcast':>6} {'full':>5} {'KiB':>8}  "
                      "tokens computed (all calls / partial calls)")
         for name, d in self.sites.items():
             frac = d["tokens"] / d["of"] if d["of"] else 0.0
@@ -170,12 +171,13 @@ class Stats:
             p_of = d["of"] - fresh_tokens
             p_frac = (d["tokens"] - fresh_tokens) / p_of if p_of else 0.0
             lines.append(f"  {name:<{w}} {d.get('fresh', 0):>6} {d.get('partial', 0):>7} {d.get('reuse', 0):>6} "
-                         f"{d.get('forecast', 0):>6} {d.get('full', 0):>5}  {frac:6.1%} / {p_frac:6.1%}")
+                         f"{d.get('forecast', 0):>6} {d.get('full', 0):>5} {self.site_bytes.get(name, 0) / 1024:>8.1f}  "
+                         f"{frac:6.1%} / {p_frac:6.1%}")
         return "\n".join(lines)
 
 
 def build_stats(ctl) -> Stats:
-    sites, blocks = {}, {}
+    sites, blocks, site_bytes = {}, {}, {}
     cache = 0
     by_name = {rt.qualname: rt for rt in ctl.blocks}
     for rt in ctl.blocks:
@@ -183,6 +185,9 @@ def build_stats(ctl) -> Stats:
         for s, d in rt.site_stats.items():
             sites[f"{rt.qualname}.{s}"] = dict(d)
         cache += sum(st.nbytes() for st in rt.states.values())
+        for st in rt.states.values():
+            for s, n in st.site_nbytes().items():
+                site_bytes[f"{rt.qualname}.{s}"] = site_bytes.get(f"{rt.qualname}.{s}", 0) + n
     f_orig = f_act = f_score = 0
     for rec, count in ctl.flop_log.items():
         p = ctl.programs[rec.program]
@@ -197,4 +202,4 @@ def build_stats(ctl) -> Stats:
                  flops_original=f_orig, flops_actual=f_act, generations=ctl.generations, flops_score=f_score,
                  records=dict(ctl.flop_log), timestep_reads=ctl.timestep_reads, paired=ctl.paired,
                  branches={k: {"step": b.step, "last_fresh": b.last_fresh} for k, b in ctl.branches.items()},
-                 num_steps=ctl.num_steps)
+                 num_steps=ctl.num_steps, site_bytes=site_bytes)

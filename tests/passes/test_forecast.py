@@ -138,6 +138,28 @@ def test_forecast_differs_from_reuse_and_keeps_m_plus_one_tables():
     assert {"value_mlp0", "d1_mlp0", "d2_mlp0", "t_upd_mlp0", "n_upd_mlp0"} <= names and "d3_mlp0" not in names
 
 
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_stats_reports_bytes_per_site_and_order_m_costs_m_plus_one_tensors(order):
+    from conftest import branch_state
+    model = make_dit()
+    toca_fx.transform(model, interval=3, fresh_ratio=0.0, forecast_order=order)
+    sample_dit(model, steps=4)
+    st = toca_fx.stats(model)
+    bufs = dict(branch_state(model, "transformer_blocks.0").named_buffers())
+    value = bufs["value_mlp0"]
+    # value-sized tensors of the site: F itself (D0) and D1..Dm; the per-token counters are (batch, tokens)
+    big = [n for n, t in bufs.items() if n.endswith("_mlp0") and t.shape == value.shape]
+    assert len(big) == order + 1, big
+    # stats sums the block's branch states (one per CFG branch)
+    block_state = model.get_submodule("_toca_fx_state.transformer_blocks__0")
+    expect = sum(t.numel() * t.element_size() for br in block_state.children()
+                 for n, t in br.named_buffers() if n.endswith("_mlp0"))
+    assert expect >= value.numel() * value.element_size() * (order + 1)
+    assert st.site_bytes["transformer_blocks.0.mlp0"] == expect
+    assert sum(st.site_bytes.values()) <= st.cache_bytes
+    assert "KiB" in str(st)
+
+
 def test_token_wise_forecast_refreshes_the_rows_it_recomputes():
     """Token-wise forecasting on a branch linear in t: recomputed rows and forecast rows are all exact, so
     rows refreshed on partial steps keep correct per-token offsets and slopes."""

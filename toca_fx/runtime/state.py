@@ -28,6 +28,7 @@ class BranchState(nn.Module):
         self.key = key
         self.ready = False
         self.register_buffer("score", None, persistent=False)
+        self.site_buffers: dict[str, list[str]] = {}     # site -> names of its buffers (for bytes per site)
 
     @staticmethod
     def _name(buf: Buffer) -> str:
@@ -38,6 +39,7 @@ class BranchState(nn.Module):
             for spec in specs:
                 self.register_buffer(self._name(spec.buffer), spec.allocate(batch, device, program.cache_dtype),
                                      persistent=False)
+                self.site_buffers.setdefault(spec.buffer.site, []).append(self._name(spec.buffer))
         self.score = torch.zeros(batch, program.analysis.n_tokens, device=device)
         for i in range(1, len(program.analysis.streams)):   # other streams rank by staleness alone
             self.register_buffer(f"score_s{i}", torch.zeros(batch, program.analysis.stream_tokens(i), device=device),
@@ -52,6 +54,12 @@ class BranchState(nn.Module):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def site_nbytes(self) -> dict[str, int]:
+        """Bytes of each site's buffers (the block's score buffers belong to no site)."""
+        return {site: sum(self._buffers[n].numel() * self._buffers[n].element_size() for n in names
+                          if self._buffers.get(n) is not None)
+                for site, names in self.site_buffers.items()}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k[len('value_'):]}: {tuple(v.shape)}" for k, v in self._buffers.items()
