@@ -82,8 +82,10 @@ def transform(model, config: ToCaConfig | str | dict | None = None, **overrides)
             rt = BlockRuntime(mod, name, i, len(bl), ctl, bl, state.block(name))
             ctl.blocks.append(rt)
     model.add_module(STATE_NAME, state)
-    for rt in ctl.blocks:
+    for i, rt in enumerate(ctl.blocks):
+        rt.index = i
         rt.install()
+    ctl.bind_signature(model.forward)
     ctl.hooks = [
         model.register_forward_pre_hook(lambda m, a, k: ctl.begin_call(a, k), with_kwargs=True),
         model.register_forward_hook(lambda m, a, k, out: _after_call(m, ctl), with_kwargs=True, always_call=True),
@@ -95,7 +97,7 @@ def transform(model, config: ToCaConfig | str | dict | None = None, **overrides)
 
 
 def _after_call(model, ctl: Controller) -> None:
-    ctl.end_call()
+    ctl.after_call()
     if ctl._first_call_checked:
         return
     ctl._first_call_checked = True
@@ -160,6 +162,8 @@ def generation(model, num_steps: int | None = None):
             for t in scheduler.timesteps:
                 ...model(x, t)...
     """
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise ToCaError(f"toca_fx.generation: num_steps must be None or an integer >= 1, not {num_steps!r}")
     ctl = _controller(model)
     ctl.new_generation(num_steps)
     ctl._keep_steps = True
@@ -198,14 +202,18 @@ def _wrap_pipeline(pipe) -> None:
 
     @functools.wraps(original_call)
     def __call__(self, *args, **kwargs):
-        steps = kwargs.get("num_inference_steps")
-        if steps is None:
-            try:
-                bound = sig.bind_partial(self, *args, **kwargs)
-                steps = bound.arguments.get("num_inference_steps", default_steps)
-            except TypeError:
-                steps = default_steps
-        with generation(self.transformer, num_steps=steps if isinstance(steps, int) else None):
+        try:
+            bound = sig.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        steps = bound.get("num_inference_steps", default_steps)
+        for name in ("timesteps", "sigmas"):          # a custom schedule sets the step count (diffusers does too)
+            custom = bound.get(name)
+            if custom is not None and hasattr(custom, "__len__") and len(custom):
+                steps = len(custom)
+                break
+        ok = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
+        with generation(self.transformer, num_steps=steps if ok else None):
             return original_call(self, *args, **kwargs)
 
     wrapped = type(cls.__name__, (cls,), {"__call__": __call__, "_toca_fx_wrapped": True,

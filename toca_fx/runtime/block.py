@@ -67,6 +67,7 @@ class BlockRuntime:
         self.module = module
         self.qualname = qualname
         self.layer = layer
+        self.index = -1                        # position in the controller's blocks (model order)
         self.num_layers = num_layers
         self.controller = controller
         self.blist = blist
@@ -154,10 +155,22 @@ class BlockRuntime:
         return actions, ks
 
     # -- the call ----------------------------------------------------------------------------
+    def invalidate(self, branch) -> None:
+        """The branch's caches are partly overwritten (a call failed): its next call is fresh."""
+        st = self.states.get(branch)
+        if st is not None:
+            st.ready = False
+
     def __call__(self, *args, **kwargs):
         ctl = self.controller
         call = ctl.current
-        if call is None or self.blist.rejected is not None or (self.module.training and torch.is_grad_enabled()):
+        if call is None or (call.implicit and self.index <= call.position):
+            # entered around the model's __call__ (e.g. a method calling self.forward): this block starts the call
+            ctl.begin_implicit(self, args, kwargs)
+            call = ctl.current
+        if call.implicit:
+            call.position = self.index
+        if self.blist.rejected is not None or (self.module.training and torch.is_grad_enabled()):
             self.stats["original"] += 1
             return self.original_forward(*args, **kwargs)
         p = self._program(args, kwargs)
@@ -181,6 +194,10 @@ class BlockRuntime:
             b = x.shape[0]
             ctl.paired = bool(b % 2 == 0 and b > 0 and torch.equal(x[: b // 2], x[b // 2:]))
         fresh = call.fresh or not st.ready
+        if fresh and not call.fresh and not call.forced:
+            call.forced = True                 # a partial call whose caches are gone (a fault): counted as fresh
+            ctl.calls["partial"] -= 1
+            ctl.calls["fresh"] += 1
         if fresh:
             v, actions, ks = p.fresh, None, {}
         else:

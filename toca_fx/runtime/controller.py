@@ -5,7 +5,11 @@ Decisions are made here, in Python, before the model runs; the block graphs only
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
+import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..config import ToCaConfig
+from ..errors import ToCaError
 from . import schedule
 
 log = logging.getLogger("toca_fx")
@@ -39,6 +44,9 @@ class CallInfo:
     aggressive: bool = False             # DuCa's aggressive step: every branch reused or forecast
     s: float = 0.0                       # the forecast's expansion variable (call index or timestep)
     adapted: bool = False                # adaptive: the first block has decided fresh / partial
+    forced: bool = False                 # a block ran it fresh although it was planned partial
+    implicit: bool = False               # started by a block (the model was entered around its __call__)
+    position: int = -1                   # implicit calls: the last block that ran (in model order)
     _s_tensors: dict = field(default_factory=dict)
 
     def s_tensor(self, device) -> torch.Tensor:
@@ -72,8 +80,27 @@ class Controller:
         self.calls = Counter()
         self.generations = 0               # generations that made at least one call
         self.timestep_reads = 0            # timestep tensors read on the host (a sync on accelerators)
+        self.timestep_names = (config.timestep_arg,) if config.timestep_arg else _TIMESTEP_KEYS
+        self.timestep_position: int | None = None   # the timestep's index among positional arguments
+        self.direction: int | None = None  # -1: timesteps fall within a generation, +1: they rise (learned once)
         self._first_call_checked = False
+        self._snapshot = None              # the counters before the call in flight (restored if it fails)
+        self._call_thread: int | None = None
+        self.owner: int | None = None      # the thread whose calls make up the current generation
         self.new_generation(None)
+
+    def bind_signature(self, forward) -> None:
+        """Find where the model's forward takes its timestep, so ``model(x, t, y)`` is read too."""
+        try:
+            params = list(inspect.signature(forward).parameters.values())
+        except (TypeError, ValueError):
+            return
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for name in self.timestep_names:
+            if name in positional:
+                self.timestep_position = positional.index(name)
+                self.timestep_names = (name,)
+                return
 
     # -- generations -----------------------------------------------------------------------
     def new_generation(self, num_steps: int | None = None) -> None:
@@ -84,12 +111,14 @@ class Controller:
         self.branch_idx = 0
         self._pattern: int | None = None       # calls per step (CFG branches), once seen
         self.paired: bool | None = None         # the batch's halves are CFG copies of the same latents
+        self.owner = None
         for b in self.blocks:
             b.clear()
         self._started = False
 
     def reset(self, stats: bool = False) -> None:
         self.new_generation(None)
+        self.direction = None
         if stats:
             self.flop_log.clear()
             self.calls.clear()
@@ -98,77 +127,145 @@ class Controller:
                 b.reset_stats()
 
     # -- per model call --------------------------------------------------------------------
-    def _timestep_arg(self, kwargs):
-        keys = (self.config.timestep_arg,) if self.config.timestep_arg else _TIMESTEP_KEYS
-        for k in keys:
+    def _timestep_arg(self, args, kwargs, positional: bool = True):
+        for k in self.timestep_names if positional else (self.config.timestep_arg,) if self.config.timestep_arg \
+                else _TIMESTEP_KEYS:
             t = kwargs.get(k)
             if t is not None:
                 return t
+        i = self.timestep_position
+        if positional and i is not None and i < len(args):
+            return args[i]
         return None
 
     def _timestep(self, t) -> float | None:
         if isinstance(t, torch.Tensor):
-            if not t.numel():
+            if not t.numel() or t.device.type == "meta":
                 return None
             self.timestep_reads += 1
             return float(t.reshape(-1)[0])
-        if isinstance(t, (int, float)):
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
             return float(t)
         return None
 
     def _can_skip_timestep(self, t) -> bool:
-        """Inside an explicit generation (a pipeline call or ``generation()``) whose branch pattern
-        is known, the timestep adds nothing; reading it from an accelerator would be a host sync on
-        every call, so it is not read there (reading a CPU tensor costs nothing and is kept)."""
+        """Inside an explicit generation (a pipeline call or ``generation()``), reading the timestep
+        from an accelerator (a host sync) is skipped when it cannot change a decision: the branch
+        comes from diffusers' cache context, or every call so far is one branch (one-batch CFG or
+        no CFG; a change of batch size is seen from the shapes). With several branches per step
+        and no context name, a CFG cut-off (cond only from some step on) is only visible in the
+        timesteps, so they are read. CPU tensors are always read (free)."""
         return (self._keep_steps and isinstance(t, torch.Tensor) and not host_read_is_free(t)
-                and (self.context_name is not None or self._pattern is not None)
+                and (self.context_name is not None or self._pattern == 1)
                 and self.config.forecast_variable != "timestep")
 
-    def begin_call(self, args, kwargs) -> None:
+    def begin_call(self, args, kwargs, implicit: bool = False) -> None:
+        tid = threading.get_ident()
+        if self.current is not None:
+            if self._call_thread != tid:
+                raise ToCaError("toca_fx: the transformed model was called from a second thread while a call from "
+                                "another thread is running; toca_fx keeps one generation's state per model, so use "
+                                "one model per thread (copy.deepcopy of the transformed model gives an independent one)")
+            if self.current.implicit:
+                self.end_call()
+            else:                                 # the previous call never returned (KeyboardInterrupt, ...)
+                self.abort_call()
+        self._snapshot = self._save()
+        self._snapshot["exception"] = sys.exc_info()[1]    # one being handled around the call is not its failure
+        self._call_thread = tid
+        started = self._begin(args, kwargs, positional=not implicit)
+        if self.owner is not None and self.owner != tid and not started:
+            self._restore(self._snapshot)
+            self.current, self._call_thread, self._snapshot = None, None, None
+            raise ToCaError("toca_fx: a second thread called the transformed model in the middle of another thread's "
+                            "generation; start a new generation in that thread (toca_fx.generation(model) or "
+                            "toca_fx.reset(model)), or use one model per thread")
+        self.owner = tid
+        self.current.implicit = implicit
+
+    def _begin(self, args, kwargs, positional: bool = True) -> bool:
+        """Decide the call's branch and step; True if it starts a new generation."""
         sig = _shape_signature(args, kwargs)
+        started = not self._started
         if self.signature is not None and sig != self.signature:
             log.info("toca_fx: input shapes changed: new generation")
-            self.new_generation(None)
+            self.new_generation(self.num_steps if self._keep_steps else None)
+            started = True
         self.signature = sig
-        t_arg = self._timestep_arg(kwargs)
+        t_arg = self._timestep_arg(args, kwargs, positional)   # a block's arguments: by keyword only
         if self._can_skip_timestep(t_arg):
-            self._begin_known_pattern()
-            return
+            key = self.context_name if self.context_name is not None else 0
+            self._decide(key, self.branches.setdefault(key, BranchCounter()))
+            return started
         t = self._timestep(t_arg)
+        if t is not None and self.last_t is not None and t != self.last_t and self._reverses(t):
+            log.info("toca_fx: the timesteps went back: new generation")
+            self.new_generation(self.num_steps if self._keep_steps else None)
+            self.signature = sig
+            started = True
         if self.context_name is not None:
             key = self.context_name
-            br = self.branches.get(key)
-            if br is not None and t is not None and t in br.seen_t:
-                self.new_generation(self.num_steps if self._keep_steps else None)
-                self.signature = sig
-        elif t is not None:
-            if self.last_t is not None and t == self.last_t and self.branch_idx + 1 < self.config.max_branches:
-                self.branch_idx += 1
-            elif any(t in b.seen_t for b in self.branches.values()):
-                self.new_generation(self.num_steps if self._keep_steps else None)
-                self.signature = sig
-                self.branch_idx = 0
-            else:
-                if self.last_t is not None and self._pattern is None:
-                    self._pattern = len(self.branches)       # a new timestep: every branch has been seen
-                self.branch_idx = 0
-            key = self.branch_idx
-        else:
+        elif t is None:
             key = 0
-        br = self.branches.setdefault(key, BranchCounter())
-        if t is not None:
-            br.seen_t.add(t)
-        self.last_t = t
-        self._decide(key, br, t)
-
-    def _begin_known_pattern(self) -> None:
-        """A call whose branch follows from the call count (or from diffusers' cache context)."""
-        if self.context_name is not None:
-            key = self.context_name
-        else:
-            self.branch_idx = (self.branch_idx + 1) % self._pattern
+        elif self.last_t is not None and t == self.last_t:
+            # the same timestep again: the next CFG branch, or (once the branches per step are known and all
+            # were seen) the next step of a sampler that calls twice at one timestep (Heun)
+            limit = self._pattern if self._pattern is not None else self.config.max_branches
+            if self.branch_idx + 1 < limit:
+                self.branch_idx += 1
+            elif self._pattern is None:           # the same timestep over and over: every call a generation
+                self.new_generation(self.num_steps if self._keep_steps else None)
+                self.signature = sig
+                started = True
+            else:
+                self.branch_idx = 0
             key = self.branch_idx
-        self._decide(key, self.branches.setdefault(key, BranchCounter()))
+        else:
+            if self.last_t is not None and self._pattern is None:
+                self._pattern = len(self.branches)       # a new timestep: every branch has been seen
+            self.branch_idx = 0
+            key = 0
+        if t is not None:
+            self.last_t = t
+        self._decide(key, self.branches.setdefault(key, BranchCounter()), t)
+        return started
+
+    def _reverses(self, t: float) -> bool:
+        """Does ``t`` run against the direction the timesteps have moved in so far?"""
+        step = 1 if t > self.last_t else -1
+        if self.direction is None:
+            self.direction = step
+            return False
+        return step != self.direction
+
+    # -- faults ----------------------------------------------------------------------------
+    _FIELDS = ("num_steps", "signature", "last_t", "branch_idx", "_pattern", "paired", "owner", "_started",
+               "generations", "direction")
+
+    def _save(self) -> dict:
+        snap = {f: getattr(self, f) for f in self._FIELDS}
+        snap["branches"] = {k: dataclasses.replace(b, seen_t=set(b.seen_t)) for k, b in self.branches.items()}
+        snap["calls"] = Counter(self.calls)
+        return snap
+
+    def _restore(self, snap: dict) -> None:
+        for f in self._FIELDS:
+            setattr(self, f, snap[f])
+        self.branches = snap["branches"]
+        self.calls = snap["calls"]
+
+    def abort_call(self) -> None:
+        """The call in flight raised: counters back to before it, and its branch's caches (which the
+        blocks that ran have partly overwritten) invalidated, so a retry is the same step, computed fresh."""
+        call = self.current
+        self.current = None
+        self._call_thread = None
+        if self._snapshot is not None:
+            self._restore(self._snapshot)
+            self._snapshot = None
+        if call is not None:
+            for b in self.blocks:
+                b.invalidate(call.branch)
 
     def _decide(self, key, br: BranchCounter, t: float | None = None) -> None:
         cfg = self.config
@@ -215,9 +312,27 @@ class Controller:
 
     _keep_steps = False
 
+    def after_call(self) -> None:
+        """The model's forward returned or raised (a forward hook with ``always_call``)."""
+        if self.current is None or self._call_thread != threading.get_ident():
+            return                                # not this thread's call (its pre-hook refused it)
+        exc = sys.exc_info()[1]
+        if exc is not None and self._snapshot is not None and exc is not self._snapshot["exception"]:
+            self.abort_call()
+        else:
+            self.end_call()
+
+    def begin_implicit(self, rt, args, kwargs) -> None:
+        """A block ran with no model call in progress (a method called ``self.forward`` directly, or
+        the blocks are driven by hand): the block starts the call, and the call ends when a block at
+        or before the last one that ran (in model order) starts again."""
+        self.begin_call(args, kwargs, implicit=True)
+
     def end_call(self) -> None:
         if self.current is not None:
             br = self.branches.get(self.current.branch)
             if br is not None:
                 br.step += 1
         self.current = None
+        self._snapshot = None
+        self._call_thread = None
