@@ -86,14 +86,29 @@ def transform(model, config: ToCaConfig | str | dict | None = None, **overrides)
         rt.index = i
         rt.install()
     ctl.bind_signature(model.forward)
+    hooks = _CallHooks(ctl)
     ctl.hooks = [
-        model.register_forward_pre_hook(lambda m, a, k: ctl.begin_call(a, k), with_kwargs=True),
-        model.register_forward_hook(lambda m, a, k, out: _after_call(m, ctl), with_kwargs=True, always_call=True),
+        model.register_forward_pre_hook(hooks.before, with_kwargs=True),
+        model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True),
     ]
     diffusers_context.attach(model, ctl)
     model.__dict__[_ATTR] = ctl
     log.info("toca_fx: %d block list(s): %s", len(lists), ", ".join(f"{b.name} x{len(b)}" for b in lists))
     return model
+
+
+class _CallHooks:
+    """The model-level hooks, as bound methods (not closures) so that ``copy.deepcopy`` and pickle
+    carry them over to the copy's own controller."""
+
+    def __init__(self, ctl: Controller):
+        self.ctl = ctl
+
+    def before(self, module, args, kwargs):
+        self.ctl.begin_call(args, kwargs)
+
+    def after(self, module, args, kwargs, out):
+        _after_call(module, self.ctl)
 
 
 def _after_call(model, ctl: Controller) -> None:
@@ -121,9 +136,15 @@ def remove(model):
     ctl = model.__dict__.pop(_ATTR, None)
     if ctl is None:
         raise ToCaError(f"{type(model).__name__} is not transformed by toca_fx")
+    wrapped = []
     for rt in ctl.blocks:
-        rt.uninstall()
+        if not rt.uninstall():
+            wrapped.append(rt.qualname)
         rt.clear()
+    if wrapped:
+        log.warning("toca_fx.remove: %d block(s) (%s) have another library's hook wrapped around toca_fx's forward "
+                    "(applied after transform); toca_fx stays in their chain as a pass-through so that hook keeps "
+                    "working", len(wrapped), ", ".join(wrapped[:3]) + (", ..." if len(wrapped) > 3 else ""))
     for h in getattr(ctl, "hooks", []):
         h.remove()
     if STATE_NAME in model._modules:

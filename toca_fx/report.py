@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Refusal
+from .runtime import live
 
 
 @dataclass
@@ -57,12 +58,13 @@ class Explanation:
     notes: list[str]
     config: dict
     programs: list = field(default_factory=list)
+    unchanged: dict = field(default_factory=dict)   # block -> Refusal (stage "live"): why it runs unchanged now
 
     @property
     def refusals(self) -> list[Refusal]:
-        """Every refusal of every stage of every program, and of the block lists."""
+        """Every refusal of every stage of every program, and why blocks run unchanged right now."""
         out = [r for p in self.programs for rec in p.stages.values() for r in rec.refusals]
-        return out
+        return out + list(self.unchanged.values())
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -94,6 +96,8 @@ class Explanation:
                              f"{'yes' if s.cached else 'no':<6}  {'yes' if s.token_wise else 'no':<10}  {note}")
             for n in e.notes:
                 lines.append(f"    note: {n}")
+        for block, r in self.unchanged.items():
+            lines.append(f"block {block!r} runs unchanged: {r.message}")
         for n in self.notes:
             lines.append(f"skipped: {n}")
         return "\n".join(lines)
@@ -124,8 +128,10 @@ def build_explanation(ctl) -> Explanation:
                                         kv="yes" if s.kv is not None else (s.kv_refusal.message if s.kv_refusal is not None else "-"),
                                         refusal=s.refusal, kv_refusal=s.kv_refusal))
         entries.append(rep)
+    unchanged = {rt.qualname: r for rt in ctl.blocks
+                 if (r := live.unsupported(rt.module, rt, rt.wrapped)) is not None}
     return Explanation(lists=lists, entries=entries, notes=list(ctl.discovery_notes), config=ctl.config.to_dict(),
-                       programs=list(ctl.programs.values()))
+                       programs=list(ctl.programs.values()), unchanged=unchanged)
 
 
 @dataclass

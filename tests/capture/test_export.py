@@ -293,10 +293,11 @@ def test_signature_of_python_values_and_objects():
 
 def test_structure_of_exact_key():
     assert structure_of(nn.Linear(2, 3)) == (
-        ("", "Linear", (("in_features", 2), ("out_features", 3)),
+        ("", "Linear", True, (("in_features", ("int", 2)), ("out_features", ("int", 3))),
          (("weight", (3, 2), torch.float32), ("bias", (3,), torch.float32)), ()),)
-    assert structure_of(nn.Linear(2, 3), numbers=False) == (
-        ("", "Linear", (), (("weight", (3, 2), torch.float32), ("bias", (3,), torch.float32)), ()),)
+    assert structure_of(nn.Linear(2, 3).eval(), numbers=False) == (
+        ("", "Linear", False, (("in_features", "#"), ("out_features", "#")),
+         (("weight", (3, 2), torch.float32), ("bias", (3,), torch.float32)), ()),)
 
 
 class Configured(nn.Module):
@@ -324,10 +325,12 @@ def test_structure_keeps_bool_and_str_attributes(change):
 
 def test_structure_attributes_of_the_root_module():
     root = structure_of(Configured(index=3))[0]
-    assert root[:2] == ("", "Configured")
-    assert root[2] == (("eps", 1e-6), ("flag", False), ("index", 3), ("mode", "a"), ("opt", None))
-    assert root[3] == () and root[4] == (("table", (C,), torch.float32),)
-    assert structure_of(Configured(index=3), numbers=False)[0][2] == (("flag", False), ("mode", "a"), ("opt", None))
+    assert root[:3] == ("", "Configured", True)
+    assert root[3] == (("eps", ("float", 1e-6)), ("flag", ("bool", False)), ("index", ("int", 3)),
+                       ("mode", ("str", "a")), ("opt", ("NoneType", None)))
+    assert root[4] == () and root[5] == (("table", ((C,), torch.float32)),)
+    assert structure_of(Configured(index=3), numbers=False)[0][3] == (
+        ("eps", "#"), ("flag", ("bool", False)), ("index", "#"), ("mode", ("str", "a")), ("opt", ("NoneType", None)))
     assert [part[:2] for part in structure_of(Configured())] == [("", "Configured"), ("lin", "Linear"),
                                                                  ("act", "GELU")]
 
@@ -341,9 +344,40 @@ def test_structure_differs_in_submodules_and_tensors(other):
     assert structure_of(Configured(), numbers=False) != structure_of(other(), numbers=False)
 
 
-def test_structure_ignores_private_attributes_and_training_mode():
+def test_structure_ignores_private_attributes_but_not_training_mode():
     a, b = Configured(), Configured()
     b._private = 99
-    b.train()
-    a.eval()
+    assert structure_of(a) == structure_of(b)
+    b.lin.eval()                     # a dropout captured in train mode must not run after eval()
+    assert structure_of(a, numbers=False) != structure_of(b, numbers=False)
+
+
+class _Processor:
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def __call__(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize("attr, a, b, coarse_differs", [
+    ("coef", (1, 2), (1, 3), False),                 # numbers inside a tuple: numeric peers
+    ("coef", (1, 2), (1, 2, 3), True),               # another length
+    ("names", ["q", "k"], ["q", "v"], True),
+    ("scale_t", torch.ones(2), torch.ones(3), True),  # a tensor attribute's shape
+    ("act_fn", torch.nn.functional.gelu, torch.nn.functional.silu, True),   # callables by identity
+    ("processor", _Processor(1.0), _Processor(2.0), False),              # an object's own attributes
+    ("processor", _Processor(), object(), True),
+], ids=["tuple-values", "tuple-length", "list-str", "tensor-shape", "callable", "processor-attr", "processor-class"])
+def test_structure_keys_non_numeric_attributes(attr, a, b, coarse_differs):
+    x, y = Configured(), Configured()
+    setattr(x, attr, a)
+    setattr(y, attr, b)
+    assert structure_of(x) != structure_of(y)
+    assert (structure_of(x, numbers=False) != structure_of(y, numbers=False)) == coarse_differs
+
+
+def test_structure_skips_an_instance_forward():
+    a, b = Configured(), Configured()
+    b.forward = lambda x: x
     assert structure_of(a) == structure_of(b)

@@ -9,6 +9,8 @@ data-dependent values into the graph, so neither is used.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 import time
 from dataclasses import dataclass, field
@@ -37,24 +39,65 @@ def signature_of(args: tuple, kwargs: dict) -> tuple:
     return (str(spec), tuple(_leaf_key(x) for x in flat))
 
 
+_PLAIN = (type(None), bool, str)
+_NUMBER = (int, float)
+
+
+def _value_key(v: Any, numbers: bool, depth: int = 0) -> Any:
+    """A hashable key of one attribute value a captured graph may depend on.
+
+    Plain values by value (ints and floats only with ``numbers``: without, a ``"#"`` stands in and
+    the runtime compares such peers numerically); sequences and dicts element-wise; tensor
+    attributes by shape, dtype and device (their values are read live, see ``lifted_values``);
+    callables by identity (two blocks with different activation functions, lambdas, bound
+    methods); other objects (attention processors) by class and their own attributes.
+    """
+    if isinstance(v, _PLAIN):
+        return (type(v).__name__, v)
+    if isinstance(v, _NUMBER):
+        return (type(v).__name__, v) if numbers else "#"
+    if isinstance(v, torch.Tensor):
+        return ("T", tuple(v.shape), v.dtype, v.device.type)
+    if depth >= 3:
+        return ("O", type(v).__qualname__, id(v))
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_value_key(x, numbers, depth + 1) for x in v[:64]), len(v))
+    if isinstance(v, dict):
+        items = list(v.items())[:64]
+        return ("dict", tuple((repr(k), _value_key(x, numbers, depth + 1)) for k, x in items), len(v))
+    if isinstance(v, nn.Module):
+        return ("M", type(v).__qualname__, id(v))
+    if (isinstance(v, type) or inspect.isroutine(v) or isinstance(v, functools.partial)
+            or (callable(v) and getattr(v, "__dict__", None) is None)):
+        return ("F", getattr(v, "__qualname__", type(v).__qualname__), id(v))
+    attrs = getattr(v, "__dict__", None)
+    if attrs is None:
+        return ("O", type(v).__qualname__, repr(v)[:200])
+    return ("O", type(v).__qualname__, _attrs_key(attrs, numbers, depth + 1))
+
+
+def _attrs_key(attrs: dict, numbers: bool, depth: int = 0) -> tuple:
+    return tuple((k, _value_key(v, numbers, depth)) for k, v in sorted(attrs.items())
+                 if not k.startswith("_") and k not in ("forward", "training"))
+
+
 def structure_of(module: nn.Module, numbers: bool = True) -> tuple:
-    """A hashable key of a block's structure: its submodule tree (names, classes), parameter and
-    buffer names/shapes/dtypes, and the plain-valued attributes of every submodule.
+    """A hashable key of a block's structure: its submodule tree (names, classes, train / eval),
+    parameter and buffer names/shapes/dtypes, and every public attribute of every submodule
+    (``_value_key``: plain values, sequences, tensors' shapes, callables, attention processors).
 
     Blocks of one class can differ (a last block without a context output, a flag that changes
-    control flow): a capture is shared only between blocks with the same structure. With
-    ``numbers=False`` int/float attributes are left out (a layer index differs in every block;
-    the runtime checks such peers numerically before sharing a capture).
+    control flow, a processor set on one block): a capture is shared only between blocks with the
+    same structure. With ``numbers=False`` int/float values are left out (a layer index differs in
+    every block; the runtime checks such peers numerically before sharing a capture). An
+    instance ``forward`` (toca_fx's own, or another library's, refused by the runtime) is skipped.
     """
-    kinds = (bool, str, int, float) if numbers else (bool, str)
     parts = []
     for name, m in module.named_modules():
-        attrs = tuple(sorted((k, v) for k, v in vars(m).items()
-                             if not k.startswith("_") and k != "training"
-                             and (v is None or (isinstance(v, kinds) and (numbers or type(v) in (bool, str))))))
+        attrs = _attrs_key(vars(m), numbers)
         params = tuple((k, tuple(p.shape), p.dtype) for k, p in m.named_parameters(recurse=False))
-        bufs = tuple((k, tuple(b.shape), b.dtype) for k, b in m.named_buffers(recurse=False))
-        parts.append((name, type(m).__qualname__, attrs, params, bufs))
+        bufs = tuple((k, None if b is None else (tuple(b.shape), b.dtype)) for k, b in m._buffers.items())
+        parts.append((name, type(m).__qualname__, m.training, attrs, params, bufs))
     return tuple(parts)
 
 
@@ -77,6 +120,12 @@ class Capture:
     example_inputs: list[Any] = field(default_factory=list)   # the recorded user inputs (flat)
 
     def lifted_values(self, block: nn.Module) -> list[Any]:
+        """The block's own parameters, buffers and tensor attributes, in the graph's input order.
+
+        A tensor attribute (``self.scale = torch.tensor(...)``) is lifted by export as a constant
+        of the captured block; it is read from ``block`` so that blocks sharing the capture (and a
+        reassigned attribute) use their own value. Constants created inside forward stay captured.
+        """
         vals = []
         for kind, target in self.lifted:
             if kind == "param":
@@ -84,7 +133,7 @@ class Capture:
             elif kind == "buffer":
                 vals.append(block.get_buffer(target))
             else:
-                vals.append(self.constants[target])
+                vals.append(_tensor_attribute(block, target, self.constants[target]))
         return vals
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
@@ -93,6 +142,19 @@ class Capture:
 
     def unflatten_outputs(self, flat_out: list[Any]) -> Any:
         return pytree.tree_unflatten(list(flat_out), self.out_spec)
+
+
+def _tensor_attribute(block: nn.Module, target: str, captured: Any) -> Any:
+    if not target.startswith("inner."):
+        return captured
+    *path, name = target[len("inner."):].split(".")
+    owner = block
+    for part in path:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return captured
+    value = getattr(owner, name, None)
+    return value if isinstance(value, torch.Tensor) else captured
 
 
 def capture_block(block: nn.Module, args: tuple, kwargs: dict, call_original) -> Capture:

@@ -8,6 +8,7 @@ variant's slots (``passes.bindings``) to its own state.
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from ..passes import TECHNIQUES, choose
 from ..passes.bindings import Buffer
 from ..pipeline import compile_block
 from ..program import BlockProgram
-from . import schedule
+from . import live, schedule
 from .state import BlockState, BranchState
 
 log = logging.getLogger("toca_fx")
@@ -73,13 +74,45 @@ class BlockRuntime:
         self.blist = blist
         self.had_instance_forward = "forward" in module.__dict__
         self.original_forward = module.forward
+        self.wrapped = module.__dict__.get("forward")   # another library's instance forward (refused)
         self.states = states                   # branch -> BranchState (submodules: visible in print(model))
         self._lifted: dict = {}
         self.program_keys: set = set()
         self._gen = None
-        self.structure = structure_of(module, numbers=False)
-        self.fine_structure = structure_of(module)
+        self.removed = False                   # toca_fx.remove() could not unwrap (another hook wraps this one)
+        self._fp = None                        # live.fingerprint of the block when its structure was computed
+        self.refreshes = 0                     # times the block re-read its structure after a change
         self.reset_stats()
+
+    def refresh(self) -> None:
+        """The block changed (or this is its first call): recompute its structure keys, what it cannot
+        run cached, and its parameters; caches computed before the change are invalidated."""
+        m = self.module
+        self._watched = list(m.modules())
+        self.structure = structure_of(m, numbers=False)
+        self.fine_structure = structure_of(m)
+        self.refused = live.unsupported(m, self, self.wrapped)
+        if self._fp is not None:
+            log.info("toca_fx: %s changed since its last call: structure re-read, caches invalidated", self.qualname)
+            self._lifted = {}
+            for st in self.states.values():
+                st.ready = False
+        self.refreshes += 1
+        self._fp = live.fingerprint(self._watched)
+
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy / pickle) re-reads its structure and parameters; generators are not copied
+        d = self.__dict__.copy()
+        d.update(_lifted={}, program_keys=set(), _gen=None, _fp=None)
+        if not self.had_instance_forward:
+            # pickle stores a bound method as getattr(module, "forward"): that would be this runtime
+            d["original_forward"] = None
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        if self.original_forward is None:
+            self.original_forward = types.MethodType(type(self.module).forward, self.module)
 
     def reset_stats(self) -> None:
         self.stats = {"fresh": 0, "partial": 0, "original": 0}
@@ -89,15 +122,22 @@ class BlockRuntime:
     def install(self) -> None:
         self.module.forward = self
 
-    def uninstall(self) -> None:
+    def uninstall(self) -> bool:
+        """Put the block's forward back; False when another library has wrapped toca_fx's since (then
+        this runtime stays in its chain as a pass-through, so the other library's hook survives)."""
+        if self.module.__dict__.get("forward") is not self:
+            self.removed = True
+            return False
         if self.had_instance_forward:
             self.module.forward = self.original_forward
         else:
             self.module.__dict__.pop("forward", None)
+        return True
 
     def clear(self) -> None:
         self.states.clear()
         self._lifted = {}
+        self._fp = None                        # reset(): re-read the structure on the next call
 
     # -- the program of this call ------------------------------------------------------------
     def _program(self, args, kwargs) -> BlockProgram:
@@ -117,6 +157,8 @@ class BlockRuntime:
                 log.info("toca_fx: %s (%s) runs unchanged: %s", self.qualname, p.cls_name, p.failed)
             p.peers.add(self.fine_structure)
             ctl.programs[key] = p
+            # export restores the attributes it traced through as new objects (equal values): not a change
+            self._fp = live.fingerprint(self._watched)
         self.program_keys.add(key)
         return p
 
@@ -162,6 +204,8 @@ class BlockRuntime:
             st.ready = False
 
     def __call__(self, *args, **kwargs):
+        if self.removed:
+            return self.original_forward(*args, **kwargs)
         ctl = self.controller
         call = ctl.current
         if call is None or (call.implicit and self.index <= call.position):
@@ -170,7 +214,10 @@ class BlockRuntime:
             call = ctl.current
         if call.implicit:
             call.position = self.index
-        if self.blist.rejected is not None or (self.module.training and torch.is_grad_enabled()):
+        if self._fp is None or live.fingerprint(self._watched) != self._fp:
+            self.refresh()
+        if (self.blist.rejected is not None or self.refused is not None
+                or (self.module.training and torch.is_grad_enabled())):
             self.stats["original"] += 1
             return self.original_forward(*args, **kwargs)
         p = self._program(args, kwargs)
@@ -186,7 +233,8 @@ class BlockRuntime:
         st = self.states.get(call.branch)
         if st is None or st.key != p.key:
             st = BranchState(p.key)
-            st.allocate(p, x.shape[0], x.device)
+            with torch.inference_mode(False):   # caches made in an inference_mode call serve later no_grad calls
+                st.allocate(p, x.shape[0], x.device)
             self.states.set(call.branch, st)
         if not call.adapted:               # adaptive fresh steps: the call's first block decides
             ctl.adapt(x)
@@ -204,10 +252,15 @@ class BlockRuntime:
             actions, ks = self.plan(p, call)
             v = p.variant(actions, bool(ctl.paired), self.qualname)
         ctx = _Binding(self, p, st, ks, x)
-        outs = p.runner(v)(*lifted, *flat, *[slot.fetch(ctx) for slot in v.inputs])
+        state = [slot.fetch(ctx) for slot in v.inputs]
+        if torch.is_grad_enabled():
+            # autograd may save a cache for backward; later calls overwrite caches in place, so it gets a copy
+            state = [t.clone() if isinstance(t, torch.Tensor) else t for t in state]
+        outs = p.runner(v)(*lifted, *flat, *state)
         n = v.n_user_outputs
-        for slot, val in zip(v.outputs, outs[n:]):
-            slot.store(ctx, val)
+        with torch.no_grad():                  # caches hold values, not autograd history (gradients stop there)
+            for slot, val in zip(v.outputs, outs[n:]):
+                slot.store(ctx, val)
         self._count_call(p, v, actions, ks)
         if fresh:
             st.ready = True

@@ -89,6 +89,18 @@ class Controller:
         self.owner: int | None = None      # the thread whose calls make up the current generation
         self.new_generation(None)
 
+    # -- copies ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """``copy.deepcopy`` / pickle of a transformed model: the copy gets its own controller with no
+        compiled programs (recaptured on its first call), no call in flight, and starts with a new
+        generation and zeroed stats; the original is untouched."""
+        d = self.__dict__.copy()
+        d.update(programs={}, flop_log=Counter(), calls=Counter(), current=None, _snapshot=None, _call_thread=None,
+                 owner=None, generations=0, _copied=True)
+        return d
+
+    _copied = False
+
     def bind_signature(self, forward) -> None:
         """Find where the model's forward takes its timestep, so ``model(x, t, y)`` is read too."""
         try:
@@ -160,6 +172,9 @@ class Controller:
                 and self.config.forecast_variable != "timestep")
 
     def begin_call(self, args, kwargs, implicit: bool = False) -> None:
+        if self._copied:                           # the first call of a copy: its state is its own from here
+            self._copied = False
+            self.reset(stats=True)
         tid = threading.get_ident()
         if self.current is not None:
             if self._call_thread != tid:

@@ -85,6 +85,14 @@ class BlockState(nn.Module):
 class ToCaState(nn.Module):
     """All caches of a transformed model, one ``BlockState`` per block (dots become ``__``)."""
 
+    def _apply(self, fn, recurse=True):
+        # model.to(...) / half() / to_empty(): the caches are converted or (to_empty, "meta") left
+        # uninitialised, so every branch recomputes them on its next call
+        for block in self._modules.values():
+            for st in block.values():
+                st.ready = False
+        return super()._apply(fn, recurse)
+
     def block(self, qualname: str) -> BlockState:
         name = qualname.replace(".", "__") or "root"
         if name not in self._modules:
