@@ -133,6 +133,10 @@ def toca_methods(quick: bool) -> list[Method]:
     for n in (4, 5, 6, 7, 8):
         out.append(toca_method(f"forecast N={n} O=2 end", "toca_fx forecasting (N sweep)",
                                P("forecast-n4", interval=n)))
+    # Warm-up and order around forecast-n4 (warm-up 3: one fresh call more at the start, one partial less)
+    out.append(toca_method("forecast N=4 O=2 end warmup=3", "toca_fx forecasting (N sweep)",
+                           P("forecast-n4", warmup=3)))
+    out.append(toca_method("forecast N=4 O=3 end", "toca_fx forecasting (N sweep)", P("forecast-n4", forecast_order=3)))
     # Token-wise forecasting along the same N sweep: its curve against module-wise forecasting's at equal FLOPs.
     for n in (4, 6, 8):
         for r in (0.05, 0.1):

@@ -49,7 +49,7 @@ def main() -> None:
         images = demo.sample(m, labels, **kw)
         f = count_flops(m, labels, **kw)
         print(f"seed {args.seed}  {name:28s} {f0 / f:5.2f}x  PSNR {quality.psnr(images, ref):6.2f}  "
-              f"SSIM {quality.ssim(images, ref):.4f}", flush=True)
+              f"SSIM {quality.ssim(images, ref):.5f}", flush=True)
 
 
 if __name__ == "__main__":
