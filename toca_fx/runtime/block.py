@@ -72,16 +72,14 @@ class BlockRuntime:
         self.num_layers = num_layers
         self.controller = controller
         self.blist = blist
-        self.had_instance_forward = "forward" in module.__dict__
         self.original_forward = module.forward
-        self.wrapped = module.__dict__.get("forward")   # another library's instance forward (refused)
+        self.wrapped = module.__dict__.get("forward")   # an instance forward found at transform (refused)
         self.states = states                   # branch -> BranchState (submodules: visible in print(model))
         self._lifted: dict = {}
         self.program_keys: set = set()
         self._gen = None
         self.removed = False                   # toca_fx.remove() could not unwrap (another hook wraps this one)
         self._fp = None                        # live.fingerprint of the block when its structure was computed
-        self.refreshes = 0                     # times the block re-read its structure after a change
         self.reset_stats()
 
     def refresh(self) -> None:
@@ -97,14 +95,13 @@ class BlockRuntime:
             self._lifted = {}
             for st in self.states.values():
                 st.ready = False
-        self.refreshes += 1
         self._fp = live.fingerprint(self._watched)
 
     def __getstate__(self) -> dict:
         # a copy (deepcopy / pickle) re-reads its structure and parameters; generators are not copied
         d = self.__dict__.copy()
         d.update(_lifted={}, program_keys=set(), _gen=None, _fp=None)
-        if not self.had_instance_forward:
+        if self.wrapped is None:
             # pickle stores a bound method as getattr(module, "forward"): that would be this runtime
             d["original_forward"] = None
         return d
@@ -128,8 +125,8 @@ class BlockRuntime:
         if self.module.__dict__.get("forward") is not self:
             self.removed = True
             return False
-        if self.had_instance_forward:
-            self.module.forward = self.original_forward
+        if self.wrapped is not None:
+            self.module.forward = self.wrapped
         else:
             self.module.__dict__.pop("forward", None)
         return True

@@ -56,12 +56,10 @@ def unsupported(block: nn.Module, own_forward, wrapped=None) -> Refusal | None:
       other cache's compute path into the graph. ``own_forward`` is toca_fx's runtime on the block;
       ``wrapped``: the block's instance ``forward`` that toca_fx found there and wraps, if any.
     """
-    if wrapped is not None:
-        return Refusal("foreign-forward", f"the block's forward was already replaced by {_describe(wrapped)} "
-                       "(another library's hook or cache, e.g. diffusers' FirstBlockCache) when toca_fx was applied; "
-                       "apply toca_fx to the model without it", stage="live")
     for name, m in block.named_modules():
         forward = m.__dict__.get("forward")
+        if not name and wrapped is not None:
+            forward = wrapped                  # the block's, found when toca_fx was applied
         if forward is not None and forward is not own_forward:
             where = f"submodule {name!r}" if name else "the block"
             return Refusal("foreign-forward", f"{where} has its forward replaced by {_describe(forward)} (another "
