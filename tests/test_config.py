@@ -151,3 +151,35 @@ def test_allowed_values_come_from_the_registries():
 def test_integer_fields_reject_bools(field):
     with pytest.raises(ValueError, match=f"ToCaConfig.{field}=True is invalid"):
         ToCaConfig(**{field: True})
+
+
+# -- every field validated: finite numbers, real ints (not bools), usable seeds and names ---------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("fresh_ratio", NAN), ("fresh_ratio", True), ("fresh_ratio", "0.1"),
+    ("staleness_weight", NAN), ("staleness_weight", INF), ("staleness_weight", True), ("staleness_weight", -1),
+    ("spatial_bonus", NAN), ("spatial_bonus", INF), ("spatial_bonus", False),
+    ("interval", True), ("interval", 3.0), ("max_branches", True), ("num_steps", True), ("num_steps", 0),
+    ("spatial_grid", True), ("k_buckets", True), ("tail_fresh", True), ("fresh_steps", (0, True)),
+    ("seed", True), ("seed", -1), ("seed", 2 ** 63), ("seed", 1.0),
+    ("timestep_arg", ""), ("timestep_arg", "not a name"), ("timestep_arg", 3),
+    ("max_captures", 0), ("max_captures", True), ("max_captures", 2.0),
+    ("probe", 1), ("compile", 0), ("adaptive_threshold", True),
+])
+def test_invalid_values_rejected(field, value):
+    with pytest.raises(ValueError, match=f"ToCaConfig.{field}="):
+        ToCaConfig(**{field: value})
+
+
+def test_largest_seed_runs_the_random_score():
+    import torch
+    from conftest import make_dit
+    model = toca_fx.transform(make_dit(), interval=2, fresh_ratio=0.5, score="random", seed=2 ** 63 - 1)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        for t in (900, 800, 700):
+            model(x, timestep=torch.full((2,), t), class_labels=y)
+    assert toca_fx.stats(model).calls["partial"] == 1

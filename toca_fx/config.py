@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,9 @@ class ToCaConfig:
     """What the calls between fresh steps do: "partial" (token-wise by the ratio schedule) or "duca"
     (DuCa: odd offsets from the last fresh step token-wise, even offsets aggressive: every branch
     reused or forecast)."""
+    max_captures: int = 64
+    """At most this many block captures are kept (least recently used evicted; ``explain()`` shows
+    the count). One capture serves every block of a class for one input signature."""
     adaptive_threshold: float | None = None
     """Adaptive fresh steps: a call is fresh when the accumulated relative L1 change of the first
     block's input since the last fresh call reaches this; ``interval`` is then the most calls
@@ -97,9 +101,15 @@ class ToCaConfig:
         def bad(name: str, allowed: str) -> None:
             raise ValueError(f"ToCaConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
 
-        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
+        def integer(v) -> bool:            # a real int: True / False are not counts
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v) -> bool:             # a finite real number, not a bool
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not integer(self.interval) or self.interval < 1:
             bad("interval", "an integer >= 1")
-        if not isinstance(self.fresh_ratio, (int, float)) or not 0.0 <= float(self.fresh_ratio) <= 1.0:
+        if not number(self.fresh_ratio) or not 0.0 <= float(self.fresh_ratio) <= 1.0:
             bad("fresh_ratio", "a number in [0, 1]")
         if self.ratio_schedule not in RATIO_SCHEDULES:
             bad("ratio_schedule", f"one of {RATIO_SCHEDULES}")
@@ -109,31 +119,32 @@ class ToCaConfig:
             bad("score", f"one of {SCORES}")
         if not isinstance(self.compile, bool):
             bad("compile", "True or False")
-        if not isinstance(self.staleness_weight, (int, float)) or self.staleness_weight < 0:
-            bad("staleness_weight", "a number >= 0")
-        if self.spatial_bonus is not None and (not isinstance(self.spatial_bonus, (int, float)) or self.spatial_bonus < 0):
-            bad("spatial_bonus", "None or a number >= 0")
-        if self.spatial_grid is not None and (not isinstance(self.spatial_grid, int) or isinstance(self.spatial_grid, bool)
-                                              or self.spatial_grid < 1):
+        if not isinstance(self.probe, bool):
+            bad("probe", "True or False")
+        if not number(self.staleness_weight) or self.staleness_weight < 0:
+            bad("staleness_weight", "a finite number >= 0")
+        if self.spatial_bonus is not None and (not number(self.spatial_bonus) or self.spatial_bonus < 0):
+            bad("spatial_bonus", "None or a finite number >= 0")
+        if self.spatial_grid is not None and (not integer(self.spatial_grid) or self.spatial_grid < 1):
             bad("spatial_grid", "None or an integer >= 1")
-        if self.num_steps is not None and (not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool)
-                                           or self.num_steps < 1):
+        if self.num_steps is not None and (not integer(self.num_steps) or self.num_steps < 1):
             bad("num_steps", "None or an integer >= 1")
-        if not isinstance(self.max_branches, int) or isinstance(self.max_branches, bool) or self.max_branches < 1:
+        if not integer(self.max_branches) or self.max_branches < 1:
             bad("max_branches", "an integer >= 1")
-        if self.timestep_arg is not None and not isinstance(self.timestep_arg, str):
+        if self.timestep_arg is not None and not (isinstance(self.timestep_arg, str) and self.timestep_arg.isidentifier()):
             bad("timestep_arg", "None or a keyword name")
-        if not isinstance(self.seed, int):
-            bad("seed", "an integer")
+        # every block seeds its generator with seed + layer: it must stay a valid 64-bit seed
+        if not integer(self.seed) or not 0 <= self.seed < 2 ** 63:
+            bad("seed", "an integer in [0, 2**63)")
         if self.cache_dtype not in CACHE_DTYPES:
             bad("cache_dtype", f"one of {CACHE_DTYPES}")
-        if self.k_buckets is not None and (not isinstance(self.k_buckets, int) or isinstance(self.k_buckets, bool)
-                                           or self.k_buckets < 1):
+        if self.k_buckets is not None and (not integer(self.k_buckets) or self.k_buckets < 1):
             bad("k_buckets", "None or an integer >= 1")
-        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 1:
+        if not integer(self.warmup) or self.warmup < 1:
             bad("warmup", "an integer >= 1")
-        if self.forecast_order is not None and (not isinstance(self.forecast_order, int)
-                                                or isinstance(self.forecast_order, bool) or not 0 <= self.forecast_order <= 8):
+        if not integer(self.max_captures) or self.max_captures < 1:
+            bad("max_captures", "an integer >= 1")
+        if self.forecast_order is not None and (not integer(self.forecast_order) or not 0 <= self.forecast_order <= 8):
             bad("forecast_order", "None or an integer in [0, 8]")
         if self.forecast_order is not None and self.self_attention == "partial-kv":
             bad("forecast_order", "None with self_attention='partial-kv' (its key/value caches are not forecast)")
@@ -145,18 +156,16 @@ class ToCaConfig:
             if isinstance(self.fresh_steps, list):
                 object.__setattr__(self, "fresh_steps", tuple(self.fresh_steps))
             if not isinstance(self.fresh_steps, tuple) or not all(
-                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.fresh_steps):
+                    integer(s) and s >= 0 for s in self.fresh_steps):
                 bad("fresh_steps", "None or a tuple of call indices >= 0")
-        if not isinstance(self.tail_fresh, int) or isinstance(self.tail_fresh, bool) or self.tail_fresh < 0:
+        if not integer(self.tail_fresh) or self.tail_fresh < 0:
             bad("tail_fresh", "an integer >= 0")
         if self.fresh_align not in ("start", "end"):
             bad("fresh_align", "'start' or 'end'")
         if self.cycle not in CYCLES:
             bad("cycle", f"one of {CYCLES}")
-        if self.adaptive_threshold is not None and (not isinstance(self.adaptive_threshold, (int, float))
-                                                    or isinstance(self.adaptive_threshold, bool)
-                                                    or not self.adaptive_threshold > 0
-                                                    or self.adaptive_threshold == float("inf")):
+        if self.adaptive_threshold is not None and (not number(self.adaptive_threshold)
+                                                    or not self.adaptive_threshold > 0):
             bad("adaptive_threshold", "None or a finite number > 0")
 
     # -- defaults that depend on other fields, resolved in one place ---------------------------
