@@ -162,6 +162,15 @@ class BlockProgram:
             self._flops["fresh"] = count_flops(self.fresh.gm, base + self.extra_input_specs(self.fresh, {}))
         return self._flops["fresh"]
 
+    def call_flops(self, block, variant_key, ks: dict[str, int]) -> tuple[int, int, int]:
+        """(original, actual, of which the score on a fresh call) FLOPs of one call of ``block``:
+        the fresh variant (``variant_key`` None) or a partial one with its sites' k."""
+        orig = self.original_flops(block)
+        if variant_key is None:
+            fresh = self.fresh_flops(block)
+            return orig, fresh, fresh - orig
+        return orig, self.variant_flops(self.partials[variant_key], block, ks), 0
+
     def variant_flops(self, v: VariantGraph, block, ks: dict[str, int]) -> int:
         lf = self._flops.get(v.key)
         if lf is None:

@@ -59,6 +59,7 @@ class Explanation:
     config: dict
     programs: list = field(default_factory=list)
     unchanged: dict = field(default_factory=dict)   # block -> Refusal (stage "live"): why it runs unchanged now
+    captures: dict = field(default_factory=dict)    # kept / limit / evicted / recaptured (runtime/captures.py)
 
     @property
     def refusals(self) -> list[Refusal]:
@@ -96,6 +97,10 @@ class Explanation:
                              f"{'yes' if s.cached else 'no':<6}  {'yes' if s.token_wise else 'no':<10}  {note}")
             for n in e.notes:
                 lines.append(f"    note: {n}")
+        if self.captures:
+            c = self.captures
+            lines.append(f"captures: {c['kept']} kept of at most {c['limit']} (max_captures); {c['evicted']} evicted, "
+                         f"{c['recaptured']} captured again after eviction")
         for block, r in self.unchanged.items():
             lines.append(f"block {block!r} runs unchanged: {r.message}")
         for n in self.notes:
@@ -128,10 +133,16 @@ def build_explanation(ctl) -> Explanation:
                                         kv="yes" if s.kv is not None else (s.kv_refusal.message if s.kv_refusal is not None else "-"),
                                         refusal=s.refusal, kv_refusal=s.kv_refusal))
         entries.append(rep)
-    unchanged = {rt.qualname: r for rt in ctl.blocks
-                 if (r := live.unsupported(rt.module, rt, rt.wrapped)) is not None}
+    unchanged = {}
+    for rt in ctl.blocks:                  # a Refusal is falsy: compared with None, never chained with `or`
+        r = live.unsupported(rt.module, rt, rt.wrapped)
+        r = r if r is not None else rt.changing
+        if r is not None:
+            unchanged[rt.qualname] = r
     return Explanation(lists=lists, entries=entries, notes=list(ctl.discovery_notes), config=ctl.config.to_dict(),
-                       programs=list(ctl.programs.values()), unchanged=unchanged)
+                       programs=list(ctl.programs.values()), unchanged=unchanged,
+                       captures=dict(kept=len(ctl.programs), limit=ctl.programs.limit, evicted=ctl.programs.evicted,
+                                     recaptured=ctl.programs.recaptured))
 
 
 @dataclass
@@ -168,6 +179,9 @@ class Stats:
                  f"  of which the token score on fresh calls: {self.flops_score / 1e9:.3f} G "
                  f"({self.flops_score / max(self.flops_actual, 1):.1%})",
                  f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]
+        ran = {k: sum(b.get(k, 0) for b in self.blocks.values()) for k in ("fresh", "partial", "original")}
+        lines.insert(1, f"  block calls: {ran['fresh']} fresh, {ran['partial']} partial, {ran['original']} unchanged "
+                        "(toca_fx.explain says why a block runs unchanged)")
         w = max([len(n) for n in self.sites] + [4])
         lines.append(f"  {'site':<{w}} {'fresh':>6} {'partial':>7} {'reuse':>6} {'fcast':>6} {'full':>5} {'KiB':>8}  "
                      "tokens computed (all calls / partial calls)")
@@ -194,16 +208,10 @@ def build_stats(ctl) -> Stats:
         for st in rt.states.values():
             for s, n in st.site_nbytes().items():
                 site_bytes[f"{rt.qualname}.{s}"] = site_bytes.get(f"{rt.qualname}.{s}", 0) + n
-    f_orig = f_act = f_score = 0
+    f_orig, f_act, f_score = ctl.evicted_flops         # calls of programs evicted since (captures.py)
     for rec, count in ctl.flop_log.items():
-        p = ctl.programs[rec.program]
-        block = by_name[rec.block].module
-        f_orig += count * p.original_flops(block)
-        if rec.variant is None:
-            f_act += count * p.fresh_flops(block)
-            f_score += count * (p.fresh_flops(block) - p.original_flops(block))
-        else:
-            f_act += count * p.variant_flops(p.partials[rec.variant], block, dict(rec.ks))
+        o, a, sc = ctl.programs[rec.program].call_flops(by_name[rec.block].module, rec.variant, dict(rec.ks))
+        f_orig, f_act, f_score = f_orig + count * o, f_act + count * a, f_score + count * sc
     return Stats(calls=dict(ctl.calls), blocks=blocks, sites=sites, cache_bytes=cache,
                  flops_original=f_orig, flops_actual=f_act, generations=ctl.generations, flops_score=f_score,
                  records=dict(ctl.flop_log), timestep_reads=ctl.timestep_reads, paired=ctl.paired,

@@ -340,3 +340,113 @@ def test_pickle_round_trip_of_a_transformed_model():
     assert toca_fx.is_transformed(loaded)
     assert all(torch.equal(a, b) for a, b in zip(_sample(loaded), _sample(twin)))
     assert toca_fx.stats(loaded).calls == {"fresh": 2, "partial": 4}
+
+
+# -- a Python number among the block's arguments that changes per call ------------------------------
+
+class ScaledBlock(nn.Module):
+    """A block taking a Python float (as diffusers' blocks take a LoRA ``scale`` or a sampler a factor)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x, scale=1.0):
+        x = x + self.attn(self.n1(x)) * scale
+        return x + self.fc(self.n2(x))
+
+
+class ScaledStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([ScaledBlock() for _ in range(2)])
+
+    def forward(self, x, timestep=None, scale=1.0):
+        for b in self.blocks:
+            x = b(x, scale=scale)
+        return x
+
+
+def _scaled_twin(**cfg):
+    torch.manual_seed(0)
+    model = ScaledStack().eval()
+    ref = copy.deepcopy(model)
+    return toca_fx.transform(model, **cfg), ref
+
+
+def test_a_number_changing_per_call_runs_unchanged_instead_of_a_capture_per_call():
+    model, ref = _scaled_twin(interval=3)
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        for i, t in enumerate([900, 800, 700, 600, 500]):
+            scale = 1.0 + 0.1 * i
+            torch.testing.assert_close(model(x, timestep=torch.tensor([t]), scale=scale), ref(x, scale=scale))
+    rep = toca_fx.explain(model)
+    assert len(rep.programs) == 1                          # not one capture per value
+    assert {r.code for r in rep.unchanged.values()} == {"changing-number"}
+    assert "'scale'" in str(rep.unchanged["blocks.0"]) and "1.0 -> 1.1" in str(rep.unchanged["blocks.0"])
+    assert toca_fx.stats(model).blocks["blocks.0"] == {"fresh": 1, "partial": 0, "original": 4}
+    assert "2 fresh, 0 partial, 8 unchanged" in str(toca_fx.stats(model))   # what ran, both blocks
+
+
+def test_a_number_constant_within_each_generation_is_cached():
+    model, ref = _scaled_twin(interval=3)
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        for scale in (0.5, 2.0):                           # one value per generation
+            toca_fx.reset(model)
+            first = model(x, timestep=torch.tensor([900]), scale=scale)
+            torch.testing.assert_close(first, ref(x, scale=scale))      # a fresh call under the new value
+            for t in [800, 700]:
+                model(x, timestep=torch.tensor([t]), scale=scale)
+    rep = toca_fx.explain(model)
+    assert not rep.unchanged and len(rep.programs) == 2
+    assert toca_fx.stats(model).blocks["blocks.0"] == {"fresh": 2, "partial": 4, "original": 0}
+
+
+# -- the watch itself (toca_fx/runtime/live.py) ------------------------------------------------------
+
+def _changes():
+    """(name, change) pairs: each must be seen by the watch of a diffusers DiT block."""
+    def attr(b): b.attn1.rescale_output_factor = 2.0
+    def processor(b): b.attn1.set_processor(ScaledProcessor(0.5))
+    def param(b): b.ff.net[2].weight = nn.Parameter(b.ff.net[2].weight.detach().clone())
+    def param_dict(b): b.ff.net[2]._parameters["bias"] = nn.Parameter(torch.zeros(b.ff.net[2].out_features))
+    def module(b): b.ff.net[2] = nn.Linear(b.ff.net[2].in_features, b.ff.net[2].out_features)
+    def hook(b): b.attn1.to_q.register_forward_hook(lambda *a: None)
+    def pre_hook(b): b.norm1.register_forward_pre_hook(lambda *a: None)
+    def train(b): b.train()
+    def new_attr(b): b.norm1.extra = 1
+    def delete(b): del b.attn1.rescale_output_factor
+    return [(f.__name__, f) for f in (attr, processor, param, param_dict, module, hook, pre_hook, train, new_attr,
+                                      delete)]
+
+
+@pytest.mark.parametrize("tags", [True, False], ids=["version-tags", "fingerprint"])
+@pytest.mark.parametrize("name,change", _changes(), ids=[n for n, _ in _changes()])
+def test_watch_sees_every_reassignment_and_hook(name, change, tags, monkeypatch):
+    from toca_fx.runtime import live
+    if not tags:
+        monkeypatch.setattr(live, "_dict_version", None)
+    block = make_dit().transformer_blocks[0]
+    watch = live.Watch(list(block.modules()))
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        block(x, timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 2]))
+    block.attn1.rescale_output_factor = block.attn1.rescale_output_factor     # the same object again
+    assert not watch.changed()             # a forward call and a no-op assignment change nothing
+    change(block)
+    assert watch.changed()
+    watch.arm()
+    assert not watch.changed()
+
+
+def test_a_removed_hook_is_seen():
+    from toca_fx.runtime import live
+    block = make_dit().transformer_blocks[0]
+    handle = block.attn1.to_q.register_forward_hook(lambda *a: None)
+    watch = live.Watch(list(block.modules()))
+    handle.remove()
+    assert watch.changed()

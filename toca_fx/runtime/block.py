@@ -79,28 +79,28 @@ class BlockRuntime:
         self.program_keys: set = set()
         self._gen = None
         self.removed = False                   # toca_fx.remove() could not unwrap (another hook wraps this one)
-        self._fp = None                        # live.fingerprint of the block when its structure was computed
+        self._watch = None                     # live.Watch over the block's modules, armed when its structure was read
+        self.changing = None                   # live.changed_numbers: runs unchanged until the next generation
         self.reset_stats()
 
     def refresh(self) -> None:
         """The block changed (or this is its first call): recompute its structure keys, what it cannot
         run cached, and its parameters; caches computed before the change are invalidated."""
         m = self.module
-        self._watched = list(m.modules())
         self.structure = structure_of(m, numbers=False)
         self.fine_structure = structure_of(m)
         self.refused = live.unsupported(m, self, self.wrapped)
-        if self._fp is not None:
+        if self._watch is not None:
             log.info("toca_fx: %s changed since its last call: structure re-read, caches invalidated", self.qualname)
             self._lifted = {}
             for st in self.states.values():
                 st.ready = False
-        self._fp = live.fingerprint(self._watched)
+        self._watch = live.Watch(list(m.modules()))
 
     def __getstate__(self) -> dict:
         # a copy (deepcopy / pickle) re-reads its structure and parameters; generators are not copied
         d = self.__dict__.copy()
-        d.update(_lifted={}, program_keys=set(), _gen=None, _fp=None)
+        d.update(_lifted={}, program_keys=set(), _gen=None, _watch=None)
         if self.wrapped is None:
             # pickle stores a bound method as getattr(module, "forward"): that would be this runtime
             d["original_forward"] = None
@@ -131,13 +131,20 @@ class BlockRuntime:
             self.module.__dict__.pop("forward", None)
         return True
 
+    def forget(self, key) -> None:
+        """The controller evicted the program ``key`` (runtime/captures.py)."""
+        self.program_keys.discard(key)
+        self._lifted.pop(key, None)
+
     def clear(self) -> None:
         self.states.clear()
         self._lifted = {}
-        self._fp = None                        # reset(): re-read the structure on the next call
+        self.changing = None
+        self._watch = None                     # reset(): re-read the structure on the next call
 
     # -- the program of this call ------------------------------------------------------------
-    def _program(self, args, kwargs) -> BlockProgram:
+    def _program(self, args, kwargs, branch) -> BlockProgram | None:
+        """The program of this call, captured if new; None when the block must run unchanged for now."""
         ctl = self.controller
         sig = signature_of(args, kwargs)
         key = (type(self.module), self.structure, sig)
@@ -148,14 +155,20 @@ class BlockRuntime:
             else:
                 key = (type(self.module), self.fine_structure, sig)
                 p = ctl.programs.get(key)
+        st = self.states.get(branch)
+        if st is not None and st.key != key and st.ready:
+            self.changing = live.changed_numbers(st.key, key, args, kwargs)
+            if self.changing is not None:
+                log.info("toca_fx: %s runs unchanged: %s", self.qualname, self.changing)
+                return None
         if p is None:
             p = compile_block(key, self.module, args, kwargs, self.original_forward, ctl.config)
             if p.failed is not None:
                 log.info("toca_fx: %s (%s) runs unchanged: %s", self.qualname, p.cls_name, p.failed)
             p.peers.add(self.fine_structure)
-            ctl.programs[key] = p
+            ctl.programs.put(key, p)
             # export restores the attributes it traced through as new objects (equal values): not a change
-            self._fp = live.fingerprint(self._watched)
+            self._watch.arm()
         self.program_keys.add(key)
         return p
 
@@ -211,14 +224,14 @@ class BlockRuntime:
             call = ctl.current
         if call.implicit:
             call.position = self.index
-        if self._fp is None or live.fingerprint(self._watched) != self._fp:
+        if self._watch is None or self._watch.changed():
             self.refresh()
         if (self.blist.rejected is not None or self.refused is not None
                 or (self.module.training and torch.is_grad_enabled())):
             self.stats["original"] += 1
             return self.original_forward(*args, **kwargs)
-        p = self._program(args, kwargs)
-        if p.failed is not None:
+        p = self._program(args, kwargs, call.branch) if self.changing is None else None
+        if p is None or p.failed is not None:
             self.stats["original"] += 1
             return self.original_forward(*args, **kwargs)
         flat = p.capture.flatten_inputs(args, kwargs)

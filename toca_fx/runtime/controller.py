@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from ..config import ToCaConfig
 from ..errors import ToCaError
 from . import schedule
+from .captures import CaptureStore
 
 log = logging.getLogger("toca_fx")
 
@@ -71,7 +72,9 @@ class Controller:
     def __init__(self, config: ToCaConfig):
         self.config = config
         self.blocks: list = []                 # BlockRuntime, in model order
-        self.programs: dict = {}               # (class, structure, signature) -> BlockProgram
+        # (class, structure, signature) -> BlockProgram, least recently used evicted past max_captures
+        self.programs = CaptureStore(config.max_captures, self._evicted)
+        self.evicted_flops = (0, 0, 0)         # FLOPs (original, actual, score) of calls of evicted programs
         self.lists: list = []
         self.discovery_notes: list[str] = []
         self.current: CallInfo | None = None
@@ -95,11 +98,27 @@ class Controller:
         compiled programs (recaptured on its first call), no call in flight, and starts with a new
         generation and zeroed stats; the original is untouched."""
         d = self.__dict__.copy()
-        d.update(programs={}, flop_log=Counter(), calls=Counter(), current=None, _snapshot=None, _call_thread=None,
+        d.update(programs=CaptureStore(self.config.max_captures, None), evicted_flops=(0, 0, 0), flop_log=Counter(), calls=Counter(), current=None, _snapshot=None, _call_thread=None,
                  owner=None, generations=0, _copied=True)
         return d
 
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self.programs.on_evict = self._evicted
+
     _copied = False
+
+    def _evicted(self, key, program) -> None:
+        """A program left the capture store: its calls' FLOPs are kept as totals, and no block refers to it."""
+        by_name = {b.qualname: b for b in self.blocks}
+        o, a, s = self.evicted_flops
+        for rec in [r for r in self.flop_log if r.program == key]:
+            n = self.flop_log.pop(rec)
+            fo, fa, fs = program.call_flops(by_name[rec.block].module, rec.variant, dict(rec.ks))
+            o, a, s = o + n * fo, a + n * fa, s + n * fs
+        self.evicted_flops = (o, a, s)
+        for b in self.blocks:
+            b.forget(key)
 
     def bind_signature(self, forward) -> None:
         """Find where the model's forward takes its timestep, so ``model(x, t, y)`` is read too."""
@@ -133,6 +152,7 @@ class Controller:
         self.direction = None
         if stats:
             self.flop_log.clear()
+            self.evicted_flops = (0, 0, 0)
             self.calls.clear()
             self.generations = 0
             for b in self.blocks:
