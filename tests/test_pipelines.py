@@ -64,3 +64,28 @@ def test_pipeline_unchanged_and_fresh_generation_per_call(make, run):
     assert st.num_steps == 6                              # taken from num_inference_steps
     toca_fx.remove(pipe)
     assert type(pipe).__call__ is not None and not getattr(type(pipe), "_toca_fx_wrapped", False)
+
+
+class _MLPPipeline:
+    """A pipeline-shaped object whose transformer has no attention blocks (every list is rejected)."""
+
+    def __init__(self):
+        from blocks import MLPOnlyBlock, Stack
+        torch.manual_seed(0)
+        self.transformer = Stack([MLPOnlyBlock(16) for _ in range(3)]).eval()
+
+    def __call__(self, x, num_inference_steps=2):
+        with torch.no_grad():
+            for t in range(num_inference_steps):
+                x = self.transformer(x, timestep=torch.tensor([float(t)]))
+        return x
+
+
+def test_a_pipeline_whose_block_lists_are_all_rejected_is_left_as_it_was():
+    pipe, x = _MLPPipeline(), torch.randn(1, 4, 16)
+    reference = pipe(x)
+    toca_fx.transform(pipe)
+    with pytest.raises(toca_fx.ToCaError, match="every candidate block list was rejected"):
+        pipe(x)
+    assert not toca_fx.is_transformed(pipe) and type(pipe) is _MLPPipeline
+    torch.testing.assert_close(pipe(x), reference)       # later calls run the original

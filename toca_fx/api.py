@@ -223,6 +223,11 @@ def _wrap_pipeline(pipe) -> None:
 
     @functools.wraps(original_call)
     def __call__(self, *args, **kwargs):
+        if not is_transformed(self.transformer):
+            # toca_fx was taken off the transformer (every block list rejected on the first call, or
+            # remove(pipe.transformer)): the pipeline is the original again
+            _unwrap_pipeline(self)
+            return original_call(self, *args, **kwargs)
         try:
             bound = sig.bind_partial(self, *args, **kwargs).arguments
         except TypeError:
@@ -234,8 +239,12 @@ def _wrap_pipeline(pipe) -> None:
                 steps = len(custom)
                 break
         ok = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
-        with generation(self.transformer, num_steps=steps if ok else None):
-            return original_call(self, *args, **kwargs)
+        try:
+            with generation(self.transformer, num_steps=steps if ok else None):
+                return original_call(self, *args, **kwargs)
+        finally:
+            if not is_transformed(self.transformer):
+                _unwrap_pipeline(self)
 
     wrapped = type(cls.__name__, (cls,), {"__call__": __call__, "_toca_fx_wrapped": True,
                                            "_toca_fx_original_class": cls, "__module__": cls.__module__})
