@@ -19,6 +19,9 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
+import torch.utils._pytree
+
 from .analysis import analyze_block, probe_site, run_with_override
 from .analysis.sites import MIXING_KINDS, BlockAnalysis
 from .capture import CaptureFailure, capture_block
@@ -33,7 +36,22 @@ log = logging.getLogger("toca_fx")
 
 def compile_block(key: tuple, block, args: tuple, kwargs: dict, call_original, config: ToCaConfig) -> BlockProgram:
     """Capture ``block`` on this call and compile it into a ``BlockProgram``; never raises for a
-    block it cannot handle: the program is then ``failed`` with the reason and the block runs unchanged."""
+    block it cannot handle: the program is then ``failed`` with the reason and the block runs unchanged.
+
+    The global random state is the same after it as before: capture and probe run the block, and a
+    block that draws random numbers (dropout, DiT's label dropout in train mode) must then draw in the
+    call what the original would have drawn."""
+    with torch.random.fork_rng(devices=_devices(args, kwargs)):
+        return _compile(key, block, args, kwargs, call_original, config)
+
+
+def _devices(args, kwargs) -> list[int]:
+    """The CUDA devices of the call's tensors: the random states fork_rng must keep."""
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    return sorted({x.device.index or 0 for x in flat if isinstance(x, torch.Tensor) and x.device.type == "cuda"})
+
+
+def _compile(key: tuple, block, args: tuple, kwargs: dict, call_original, config: ToCaConfig) -> BlockProgram:
     program = BlockProgram(key=key, cls_name=type(block).__name__, config=config)
     rec = program.recorder
     with rec.stage("capture") as r:

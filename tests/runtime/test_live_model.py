@@ -169,6 +169,20 @@ def test_train_mode_capture_does_not_keep_dropout_after_eval():
     _same(model, ref, T[1:3])
 
 
+def test_random_draws_in_train_mode_match_the_original_also_on_the_capturing_call():
+    # DiT drops class labels at random in train mode (inside each block's AdaLayerNormZero): capture
+    # and probe run the block, and must not move the global random state the call then draws from
+    model, ref = _twin(interval=1)
+    model.train(), ref.train()
+    for seed, t in enumerate(T[:3]):
+        outs = []
+        for m in (ref, model):
+            torch.manual_seed(seed)
+            outs.append(_call(m, t))
+            outs.append(torch.rand(3))     # the state after the call, too
+        assert torch.allclose(outs[0], outs[2], atol=1e-5) and torch.equal(outs[1], outs[3]), f"t={t}"
+
+
 def test_to_empty_then_reload_recomputes_the_caches():
     model, ref = _twin(interval=3, fresh_ratio=0.0)
     _call(model, 900), _call(ref, 900)
