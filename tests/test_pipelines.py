@@ -89,3 +89,20 @@ def test_a_pipeline_whose_block_lists_are_all_rejected_is_left_as_it_was():
         pipe(x)
     assert not toca_fx.is_transformed(pipe) and type(pipe) is _MLPPipeline
     torch.testing.assert_close(pipe(x), reference)       # later calls run the original
+
+
+def test_a_pipelines_custom_timesteps_set_the_generations_length():
+    # PixArt's default is 20 steps; given timesteps=[...] diffusers runs len(timesteps) of them, and the
+    # generation must be that long (tail_fresh=1 makes the length visible: the last call is fresh)
+    pipe = _pixart_pipe()
+    pipe.scheduler = diffusers.EulerDiscreteScheduler()
+    toca_fx.transform(pipe, interval=100, fresh_ratio=0.3, tail_fresh=1)
+    g = torch.Generator().manual_seed(3)
+    emb, mask = torch.randn(1, 7, 24, generator=g), torch.ones(1, 7)
+    pipe(prompt=None, prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt=None,
+         negative_prompt_embeds=torch.zeros(1, 7, 24), negative_prompt_attention_mask=mask,
+         timesteps=[999, 700, 400, 100, 10], output_type="np", height=8, width=8, use_resolution_binning=False,
+         generator=torch.Generator().manual_seed(0))
+    st = toca_fx.stats(pipe)
+    assert st.num_steps == 5
+    assert st.calls == {"fresh": 2, "partial": 3}        # the first and the last

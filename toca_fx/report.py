@@ -175,7 +175,7 @@ class Stats:
         lines = [f"toca_fx stats: {self.calls.get('fresh', 0)} fresh / {self.calls.get('partial', 0)} partial model calls, "
                  f"{self.generations} generation(s)",
                  f"  transformer-block FLOPs: {self.flops_original / 1e9:.3f} G original -> {self.flops_actual / 1e9:.3f} G "
-                 f"({self.flops_ratio:.2f}x)",
+                 + (f"({self.flops_ratio:.2f}x)" if self.flops_actual else "(no block ran from a capture)"),
                  f"  of which the token score on fresh calls: {self.flops_score / 1e9:.3f} G "
                  f"({self.flops_score / max(self.flops_actual, 1):.1%})",
                  f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]

@@ -464,3 +464,19 @@ def test_a_removed_hook_is_seen():
     watch = live.Watch(list(block.modules()))
     handle.remove()
     assert watch.changed()
+
+
+def test_meta_tensors_run_like_the_original():
+    # shape inference on the meta device: no values, so nothing can be probed or cached
+    model, ref = _twin(interval=3)
+    model.to("meta"), ref.to("meta")
+    x, y = torch.randn(2, 4, 8, 8, device="meta"), torch.tensor([1, 10], device="meta")
+    for t in T[:3]:
+        with torch.no_grad():
+            a = ref(x, timestep=torch.full((2,), t, device="meta"), class_labels=y).sample
+            b = model(x, timestep=torch.full((2,), t, device="meta"), class_labels=y).sample
+        assert b.device.type == "meta" and b.shape == a.shape
+    st = toca_fx.stats(model)
+    assert st.blocks["transformer_blocks.0"] == {"fresh": 0, "partial": 0, "original": 3}
+    assert "no block ran from a capture" in str(st)
+    assert "meta" in str(toca_fx.explain(model))
