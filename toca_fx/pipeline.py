@@ -41,11 +41,11 @@ def compile_block(key: tuple, block, args: tuple, kwargs: dict, call_original, c
     The global random state is the same after it as before: capture and probe run the block, and a
     block that draws random numbers (dropout, DiT's label dropout in train mode) must then draw in the
     call what the original would have drawn."""
-    with torch.random.fork_rng(devices=_devices(args, kwargs)):
+    with torch.random.fork_rng(devices=rng_devices(args, kwargs)):
         return _compile(key, block, args, kwargs, call_original, config)
 
 
-def _devices(args, kwargs) -> list[int]:
+def rng_devices(args, kwargs) -> list[int]:
     """The CUDA devices of the call's tensors: the random states fork_rng must keep."""
     flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
     return sorted({x.device.index or 0 for x in flat if isinstance(x, torch.Tensor) and x.device.type == "cuda"})

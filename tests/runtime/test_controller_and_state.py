@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -249,6 +250,34 @@ def test_cache_buffers_keep_their_addresses_across_steps():
             st = branch_state(model, "transformer_blocks.0")
             ptrs.append(tuple(v.data_ptr() for v in st.buffers()))
     assert len(set(ptrs)) == 1
+
+
+@pytest.mark.parametrize("start", ["reset", "new loop", "generation()"])
+def test_cache_buffers_keep_their_addresses_across_generations(start):
+    """A new generation zeroes the buffers in place instead of re-allocating them; a new batch size
+    (another program) gets new ones. Outputs stay those of a freshly transformed model."""
+    model, twin = make_dit(num_layers=2), make_dit(num_layers=2)
+    for m in (model, twin):
+        toca_fx.transform(m, interval=2, fresh_ratio=0.25, forecast_order=1)
+
+    def generation(m):
+        with toca_fx.generation(m, num_steps=4) if start == "generation()" else contextlib.nullcontext():
+            outs = [_call(m, t) for t in (900, 600, 300, 100)]
+        if start == "reset":
+            toca_fx.reset(m)
+        return outs
+
+    def buffers():
+        return [v for i in range(2) for v in branch_state(model, f"transformer_blocks.{i}").buffers()]
+
+    generation(model)
+    kept = buffers()                                 # held: a re-allocation could not reuse their memory
+    second = generation(model)
+    assert [v.data_ptr() for v in buffers()] == [v.data_ptr() for v in kept]
+    for a, b in zip(second, generation(twin)):       # zeroed state: the same as a freshly transformed model
+        assert torch.equal(a, b)
+    _call(model, 900, labels=(1, 2, 3))              # a new shape: its own buffers
+    assert [v.data_ptr() for v in buffers()] != [v.data_ptr() for v in kept]
 
 
 @pytest.mark.parametrize("loop", ["one-batch CFG", "two calls per step", "cache_context"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,8 @@ import torch.utils._pytree
 
 from ..capture import signature_of, structure_of
 from ..passes import TECHNIQUES, choose
-from ..passes.bindings import Buffer
-from ..pipeline import compile_block
+from ..passes.bindings import Buffer, ScoreInput, StepInput
+from ..pipeline import compile_block, rng_devices
 from ..program import BlockProgram
 from . import live, schedule
 from .state import BlockState, BranchState
@@ -60,6 +61,52 @@ class _Binding:
         self.st.score.copy_(plan.ingredient.finish(value, bool(self.rt.controller.paired)))
 
 
+class _Entry:
+    """What a block's calls of one input layout share (runtime fast path): the program, the block's
+    lifted parameters, the branch states it runs on, and its plans. Found by comparing the call's
+    ``call_key`` (tensor shapes / dtypes / devices, plain values) with the last call's; the slow
+    path (signature, structure key, capture store) runs only when it differs."""
+
+    __slots__ = ("call_key", "program", "lifted", "branch_states", "plans", "single_output")
+
+    def __init__(self, call_key, program: BlockProgram, lifted: list):
+        self.call_key = call_key
+        self.program = program
+        self.lifted = lifted
+        self.branch_states: dict = {}          # branch -> BranchState with this program's key
+        self.plans: dict = {}                  # (branch, fresh, progress, aggressive, paired) -> _Plan
+        self.single_output = program.capture.out_spec.is_leaf()
+
+
+class _Plan:
+    """One kind of call of one block on one branch: the variant, its per-site k, the bound state
+    inputs (static buffers, so bound once), and what ``stats`` counts for it."""
+
+    __slots__ = ("variant", "ks", "label", "record", "increments", "state", "dynamic", "epoch", "runner")
+
+    def __init__(self, variant, ks, label, record, increments, state, dynamic, epoch, runner):
+        self.variant, self.ks, self.label, self.record = variant, ks, label, record
+        self.increments = increments           # ((site, stats label, tokens computed, tokens), ...)
+        self.state, self.dynamic = state, dynamic   # bound inputs; positions re-fetched per call
+        self.epoch, self.runner = epoch, runner
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _call_key(args: tuple, kwargs: dict):
+    """A cheap key of a call whose arguments are all tensors or plain values (None otherwise)."""
+    key = [len(args), tuple(kwargs)]
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            key.append((v.shape, v.dtype, v.device, v.requires_grad))
+        elif type(v) in _PLAIN:
+            key.append((type(v), v))
+        else:
+            return None
+    return tuple(key)
+
+
 class BlockRuntime:
     """Replaces ``block.forward`` (an instance attribute, removed again by ``toca_fx.remove``)."""
 
@@ -81,12 +128,14 @@ class BlockRuntime:
         self.removed = False                   # toca_fx.remove() could not unwrap (another hook wraps this one)
         self._watch = None                     # live.Watch over the block's modules, armed when its structure was read
         self.changing = None                   # live.changed_numbers: runs unchanged until the next generation
+        self._entry: _Entry | None = None      # the last call's layout, program and plans (the fast path)
         self.reset_stats()
 
     def refresh(self) -> None:
         """The block changed (or this is its first call): recompute its structure keys, what it cannot
         run cached, and its parameters; caches computed before the change are invalidated."""
         m = self.module
+        self._entry = None
         self.structure = structure_of(m, numbers=False)
         self.fine_structure = structure_of(m)
         self.refused = live.unsupported(m, self, self.wrapped)
@@ -100,7 +149,7 @@ class BlockRuntime:
     def __getstate__(self) -> dict:
         # a copy (deepcopy / pickle) re-reads its structure and parameters; generators are not copied
         d = self.__dict__.copy()
-        d.update(_lifted={}, program_keys=set(), _gen=None, _watch=None)
+        d.update(_lifted={}, program_keys=set(), _gen=None, _watch=None, _entry=None, tally=Counter())
         if self.wrapped is None:
             # pickle stores a bound method as getattr(module, "forward"): that would be this runtime
             d["original_forward"] = None
@@ -113,7 +162,25 @@ class BlockRuntime:
 
     def reset_stats(self) -> None:
         self.stats = {"fresh": 0, "partial": 0, "original": 0}
-        self.site_stats: dict = {}             # site -> {"tokens": n computed, "of": n possible, labels...}
+        self.tally: Counter = Counter()        # _Plan -> calls (one increment per call; stats() folds it)
+        self._site_base: dict = {}             # site stats of plans folded away (evicted programs)
+
+    @property
+    def site_stats(self) -> dict:
+        """site -> {"tokens": n computed, "of": n possible, "n": tokens, then calls per stats label}."""
+        out = {site: dict(d) for site, d in self._site_base.items()}
+        for plan, n in self.tally.items():
+            _fold(out, plan, n)
+        return out
+
+    def fold_away(self, program_key) -> list:
+        """The program was evicted: its plans' site stats are kept as totals; returns (record, calls)."""
+        gone = []
+        for plan in [pl for pl in self.tally if pl.record.program is program_key or pl.record.program == program_key]:
+            n = self.tally.pop(plan)
+            _fold(self._site_base, plan, n)
+            gone.append((plan.record, n))
+        return gone
 
     # -- install / uninstall ----------------------------------------------------------------
     def install(self) -> None:
@@ -135,9 +202,11 @@ class BlockRuntime:
         """The controller evicted the program ``key`` (runtime/captures.py)."""
         self.program_keys.discard(key)
         self._lifted.pop(key, None)
+        if self._entry is not None and self._entry.program.key == key:
+            self._entry = None
 
     def clear(self) -> None:
-        self.states.clear()
+        self.states.restart()                  # kept, zeroed: static addresses across generations
         self._lifted = {}
         self.changing = None
         self._watch = None                     # reset(): re-read the structure on the next call
@@ -174,10 +243,15 @@ class BlockRuntime:
 
     def _same_through(self, p: BlockProgram, args, kwargs) -> bool:
         """Does the shared graph reproduce this block (same class, other int/float attributes)?"""
+        # both runs from the caller's random state, which they leave as it was (a block that draws
+        # random numbers compares equal, and the call then draws what the original would)
+        devices = rng_devices(args, kwargs)
         with torch.no_grad():
-            ref = self.original_forward(*args, **kwargs)
-            got = p.capture.unflatten_outputs(
-                p.capture.gm(*p.capture.lifted_values(self.module), *p.capture.flatten_inputs(args, kwargs)))
+            with torch.random.fork_rng(devices=devices):
+                ref = self.original_forward(*args, **kwargs)
+            with torch.random.fork_rng(devices=devices):
+                got = p.capture.unflatten_outputs(
+                    p.capture.gm(*p.capture.lifted_values(self.module), *p.capture.flatten_inputs(args, kwargs)))
         a, _ = torch.utils._pytree.tree_flatten(ref)
         b, _ = torch.utils._pytree.tree_flatten(got)
         same = len(a) == len(b) and all(
@@ -230,25 +304,22 @@ class BlockRuntime:
                 or (self.module.training and torch.is_grad_enabled())):
             self.stats["original"] += 1
             return self.original_forward(*args, **kwargs)
-        p = self._program(args, kwargs, call.branch) if self.changing is None else None
-        if p is None or p.failed is not None:
-            self.stats["original"] += 1
-            return self.original_forward(*args, **kwargs)
-        flat = p.capture.flatten_inputs(args, kwargs)
-        lifted = self._lifted.get(p.key)
-        if lifted is None:
-            # the block's own parameters, in the captured graph's order; refreshed by reset()
-            lifted = self._lifted[p.key] = p.capture.lifted_values(self.module)
+        ck = _call_key(args, kwargs)
+        entry = self._entry
+        st = None
+        if entry is not None and ck is not None and self.changing is None and ck == entry.call_key:
+            st = entry.branch_states.get(call.branch)
+        if st is None:                         # the slow path: program lookup (capture), lifted values, state
+            entry, st = self._resolve(args, kwargs, call, ck)
+            if entry is None:
+                self.stats["original"] += 1
+                return self.original_forward(*args, **kwargs)
+        p = entry.program
+        flat = [*args, *kwargs.values()] if ck is not None else p.capture.flatten_inputs(args, kwargs)
         x = flat[p.stream_index]
-        st = self.states.get(call.branch)
-        if st is None or st.key != p.key:
-            st = BranchState(p.key)
-            with torch.inference_mode(False):   # caches made in an inference_mode call serve later no_grad calls
-                st.allocate(p, x.shape[0], x.device)
-            self.states.set(call.branch, st)
         if not call.adapted:               # adaptive fresh steps: the call's first block decides
             ctl.adapt(x)
-        if ctl.paired is None:
+        if ctl.paired is None:                 # once per generation: are the batch halves CFG copies?
             b = x.shape[0]
             ctl.paired = bool(b % 2 == 0 and b > 0 and torch.equal(x[: b // 2], x[b // 2:]))
         fresh = call.fresh or not st.ready
@@ -256,38 +327,86 @@ class BlockRuntime:
             call.forced = True                 # a partial call whose caches are gone (a fault): counted as fresh
             ctl.calls["partial"] -= 1
             ctl.calls["fresh"] += 1
+        pk = (call.branch, True) if fresh else (call.branch, False, call.progress, call.aggressive, ctl.paired)
+        plan = entry.plans.get(pk)
+        if plan is None or plan.epoch != st.epoch:
+            plan = entry.plans[pk] = self._plan_call(entry, st, call, fresh)
+        v = plan.variant
+        ctx = None
+        state = plan.state
+        if plan.dynamic:                       # a per-call score draw ("random") or the step variable
+            ctx = _Binding(self, p, st, plan.ks, x)
+            state = list(state)
+            for i, slot in plan.dynamic:
+                state[i] = slot.fetch(ctx)
+        grad = torch.is_grad_enabled()
+        if grad:
+            # autograd may save a cache for backward; later calls overwrite caches in place, so it gets a copy
+            state = [t.clone() if isinstance(t, torch.Tensor) else t for t in state]
+        outs = plan.runner(*entry.lifted, *flat, *state)
+        n = v.n_user_outputs
+        if v.outputs:
+            ctx = ctx or _Binding(self, p, st, plan.ks, x)
+            with torch.no_grad():              # caches hold values, not autograd history (gradients stop there)
+                for slot, val in zip(v.outputs, outs[n:]):
+                    slot.store(ctx, val)
+        self.tally[plan] += 1
+        self.stats[plan.label] += 1
+        if fresh:
+            st.ready = True
+        return outs[0] if entry.single_output else p.capture.unflatten_outputs(outs[:n])
+
+    def _resolve(self, args, kwargs, call, ck):
+        """The slow path: this call's program (captured if new), the block's lifted values, and the
+        branch's state (allocated if new); remembered as the block's entry. (None, None): run unchanged."""
+        p = self._program(args, kwargs, call.branch) if self.changing is None else None
+        if p is None or p.failed is not None:
+            return None, None
+        entry = self._entry
+        if entry is None or entry.program is not p or entry.call_key != ck:
+            lifted = self._lifted.get(p.key)
+            if lifted is None:
+                # the block's own parameters, in the captured graph's order; refreshed by reset()
+                lifted = self._lifted[p.key] = p.capture.lifted_values(self.module)
+            entry = _Entry(ck, p, lifted)
+            if ck is not None:                 # only a call with a cheap key can find it again
+                self._entry = entry
+        st = self.states.get(call.branch)
+        if st is None or st.key != p.key:
+            st = BranchState(p.key)
+            x = p.capture.flatten_inputs(args, kwargs)[p.stream_index]
+            with torch.inference_mode(False):   # caches made in an inference_mode call serve later no_grad calls
+                st.allocate(p, x.shape[0], x.device)
+            self.states.set(call.branch, st)
+            for e in (entry, self._entry):
+                if e is not None:
+                    e.branch_states.pop(call.branch, None)
+        entry.branch_states[call.branch] = st
+        return entry, st
+
+    def _plan_call(self, entry: _Entry, st: BranchState, call, fresh: bool) -> _Plan:
+        """The variant, k per site, bound state inputs and stats increments of this kind of call."""
+        p, ctl = entry.program, self.controller
         if fresh:
             v, actions, ks = p.fresh, None, {}
+            increments = tuple((s.name, "fresh", s.n_tokens, s.n_tokens) for s in p.sites)
+            record = CallRecord(p.key, self.qualname, None)
         else:
             actions, ks = self.plan(p, call)
             v = p.variant(actions, bool(ctl.paired), self.qualname)
-        ctx = _Binding(self, p, st, ks, x)
-        state = [slot.fetch(ctx) for slot in v.inputs]
-        if torch.is_grad_enabled():
-            # autograd may save a cache for backward; later calls overwrite caches in place, so it gets a copy
-            state = [t.clone() if isinstance(t, torch.Tensor) else t for t in state]
-        outs = p.runner(v)(*lifted, *flat, *state)
-        n = v.n_user_outputs
-        with torch.no_grad():                  # caches hold values, not autograd history (gradients stop there)
-            for slot, val in zip(v.outputs, outs[n:]):
-                slot.store(ctx, val)
-        self._count_call(p, v, actions, ks)
-        if fresh:
-            st.ready = True
-        return p.capture.unflatten_outputs(outs[:n])
-
-    def _count_call(self, p: BlockProgram, v, actions, ks) -> None:
-        if actions is None:
-            self.stats["fresh"] += 1
-            for s in p.sites:
-                self._count(s.name, "fresh", s.n_tokens, s.n_tokens)
-            self.controller.flop_log[CallRecord(p.key, self.qualname, None)] += 1
-            return
-        for s in p.sites:
-            t = TECHNIQUES[actions[s.name]]
-            self._count(s.name, t.stats_label, t.tokens(s, ks.get(s.name, 0)), s.n_tokens)
-        self.stats["partial"] += 1
-        self.controller.flop_log[CallRecord(p.key, self.qualname, v.key, tuple(sorted(ks.items())))] += 1
+            increments = tuple((s.name, TECHNIQUES[actions[s.name]].stats_label,
+                                TECHNIQUES[actions[s.name]].tokens(s, ks.get(s.name, 0)), s.n_tokens) for s in p.sites)
+            record = CallRecord(p.key, self.qualname, v.key, tuple(sorted(ks.items())))
+        ctx = _Binding(self, p, st, ks, None)
+        state, dynamic = [], []
+        for i, slot in enumerate(v.inputs):
+            if isinstance(slot, StepInput) or (isinstance(slot, ScoreInput) and p.score.score.random):
+                dynamic.append((i, slot))
+                state.append(None)
+            else:
+                state.append(slot.fetch(ctx))
+        return _Plan(v, ks, "fresh" if fresh else "partial", record, increments, tuple(state), tuple(dynamic),
+                     st.epoch, p.runner(v))
 
     def generator(self, device):
         g = self._gen
@@ -297,8 +416,10 @@ class BlockRuntime:
             self._gen = g
         return g
 
-    def _count(self, site: str, label: str, tokens: int, of: int) -> None:
-        d = self.site_stats.setdefault(site, {"tokens": 0, "of": 0, "n": of})
-        d["tokens"] += tokens
-        d["of"] += of
-        d[label] = d.get(label, 0) + 1
+
+def _fold(out: dict, plan: _Plan, n: int) -> None:
+    for site, label, tokens, of in plan.increments:
+        d = out.setdefault(site, {"tokens": 0, "of": 0, "n": of})
+        d["tokens"] += n * tokens
+        d["of"] += n * of
+        d[label] = d.get(label, 0) + n

@@ -79,7 +79,6 @@ class Controller:
         self.discovery_notes: list[str] = []
         self.current: CallInfo | None = None
         self.context_name: str | None = None   # set by diffusers' cache_context("cond"/"uncond")
-        self.flop_log: Counter = Counter()
         self.calls = Counter()
         self.generations = 0               # generations that made at least one call
         self.timestep_reads = 0            # timestep tensors read on the host (a sync on accelerators)
@@ -98,7 +97,7 @@ class Controller:
         compiled programs (recaptured on its first call), no call in flight, and starts with a new
         generation and zeroed stats; the original is untouched."""
         d = self.__dict__.copy()
-        d.update(programs=CaptureStore(self.config.max_captures, None), evicted_flops=(0, 0, 0), flop_log=Counter(), calls=Counter(), current=None, _snapshot=None, _call_thread=None,
+        d.update(programs=CaptureStore(self.config.max_captures, None), evicted_flops=(0, 0, 0), calls=Counter(), current=None, _snapshot=None, _call_thread=None,
                  owner=None, generations=0, _copied=True)
         return d
 
@@ -110,15 +109,22 @@ class Controller:
 
     def _evicted(self, key, program) -> None:
         """A program left the capture store: its calls' FLOPs are kept as totals, and no block refers to it."""
-        by_name = {b.qualname: b for b in self.blocks}
         o, a, s = self.evicted_flops
-        for rec in [r for r in self.flop_log if r.program == key]:
-            n = self.flop_log.pop(rec)
-            fo, fa, fs = program.call_flops(by_name[rec.block].module, rec.variant, dict(rec.ks))
-            o, a, s = o + n * fo, a + n * fa, s + n * fs
-        self.evicted_flops = (o, a, s)
         for b in self.blocks:
+            for rec, n in b.fold_away(key):
+                fo, fa, fs = program.call_flops(b.module, rec.variant, dict(rec.ks))
+                o, a, s = o + n * fo, a + n * fa, s + n * fs
             b.forget(key)
+        self.evicted_flops = (o, a, s)
+
+    @property
+    def flop_log(self) -> Counter:
+        """CallRecord -> calls, over every block (blocks count their calls per plan; this folds them)."""
+        log_ = Counter()
+        for b in self.blocks:
+            for plan, n in b.tally.items():
+                log_[plan.record] += n
+        return log_
 
     def bind_signature(self, forward) -> None:
         """Find where the model's forward takes its timestep, so ``model(x, t, y)`` is read too."""
@@ -151,7 +157,6 @@ class Controller:
         self.new_generation(None)
         self.direction = None
         if stats:
-            self.flop_log.clear()
             self.evicted_flops = (0, 0, 0)
             self.calls.clear()
             self.generations = 0

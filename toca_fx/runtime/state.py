@@ -19,14 +19,16 @@ class BranchState(nn.Module):
     each site's value F (``value_<site>``), its staleness counters (``stale_<site>``), whatever its
     techniques need (``kv0_<site>``, ``attn0_<site>``, ...), and the block's base score (``score``).
 
-    Buffers are allocated once from the program's state specs and written in place (fresh steps
-    copy into them, partial steps scatter into them), so their addresses stay fixed.
+    Buffers are allocated once per (block, branch, program) from the program's state specs and
+    written in place (fresh steps copy into them, partial steps scatter into them); a new generation
+    zeroes them (``restart``), so their addresses stay fixed across generations.
     """
 
     def __init__(self, key):
         super().__init__()
         self.key = key
         self.ready = False
+        self.epoch = 0                         # bumped when model.to(...) replaces the buffers (bound inputs re-bound)
         self.register_buffer("score", None, persistent=False)
         self.site_buffers: dict[str, list[str]] = {}     # site -> names of its buffers (for bytes per site)
 
@@ -44,6 +46,15 @@ class BranchState(nn.Module):
         for i in range(1, len(program.analysis.streams)):   # other streams rank by staleness alone
             self.register_buffer(f"score_s{i}", torch.zeros(batch, program.analysis.stream_tokens(i), device=device),
                                  persistent=False)
+
+    def restart(self) -> None:
+        """A new generation: every buffer zeroed in place (counters and difference tables start from
+        zero), so the addresses stay what compiled graphs and CUDA graphs were recorded with."""
+        self.ready = False
+        with torch.no_grad():
+            for t in self._buffers.values():
+                if t is not None:
+                    t.zero_()
 
     def buffer(self, buf: Buffer) -> torch.Tensor:
         return self._buffers[self._name(buf)]
@@ -75,6 +86,11 @@ class BlockState(nn.Module):
     def set(self, branch, state: BranchState) -> None:
         self.add_module(f"branch_{branch}", state)
 
+    def restart(self) -> None:
+        """A new generation: the branch states are kept (zeroed), not re-allocated."""
+        for st in self._modules.values():
+            st.restart()
+
     def clear(self) -> None:
         self._modules.clear()
 
@@ -91,6 +107,7 @@ class ToCaState(nn.Module):
         for block in self._modules.values():
             for st in block.values():
                 st.ready = False
+                st.epoch += 1
         return super()._apply(fn, recurse)
 
     def block(self, qualname: str) -> BlockState:

@@ -1,0 +1,166 @@
+"""Host time per transformer block, toca_fx against the original and diffusers' caches (CPU).
+
+Usage:
+  python benchmarks/host_overhead.py [--calls 40] [--rounds 7] [--layers 28] [--no-compile] [--json out.json]
+
+The model is diffusers' ``DiTTransformer2DModel`` with 28 blocks of width 64 (2 heads of 32) on a
+4x4 latent with patch 2 (4 tokens), batch 2 (one-batch CFG): the compute is negligible, so what is
+measured is the host's work per block call, which on a GPU is what decides whether a FLOPs saving
+becomes a wall-clock one (a DiT-XL/2 block is 40-150 us of H100 time).
+
+Every configuration runs ``--calls`` model calls per round, inside one long generation, so the
+steady state is measured (captures and the first fresh call happen in the warm-up); rounds
+alternate the configurations side by side and the median over rounds is reported, as thread CPU
+time (``time.thread_time_ns``: other processes do not count) divided by calls x blocks.
+
+Rows: the original; toca_fx with every call fresh (interval 1); ToCa partial calls (fresh_ratio 0.5,
+attention reused); FORA reuse calls (fresh_ratio 0); with --compile also the original with every
+block compiled (``Module.compile()``) against toca_fx ``compile=True`` partial calls; diffusers
+FirstBlockCache computing every call (threshold 0) and skipping (threshold 1e9), TaylorSeerCache
+forecasting. The column "vs original" is the difference to the original's block, in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import diffusers
+import toca_fx
+
+
+def build(layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                           num_layers=layers, sample_size=4, patch_size=2,
+                                           num_embeds_ada_norm=1000).eval()
+
+
+class Runner:
+    """One configuration: a model and how a round of calls runs on it."""
+
+    def __init__(self, name: str, model, toca: bool = False, hooks=None):
+        self.name, self.model, self.toca, self.hooks = name, model, toca, hooks
+        self.t = 999.0
+        self.samples: list[float] = []
+        self._gen = None
+        if toca:
+            self._gen = toca_fx.generation(model, num_steps=10 ** 6)
+            self._gen.__enter__()
+
+    def call(self, x, y):
+        self.t -= 1e-3                      # always falling: one generation, one branch
+        ts = torch.full((x.shape[0],), self.t)
+        if self.hooks is not None:             # diffusers' cache hooks need a cache context
+            from diffusers.models.cache_utils import CacheMixin
+            with CacheMixin.cache_context(self.model, "cfg"):
+                return self.model(x, timestep=ts, class_labels=y).sample
+        return self.model(x, timestep=ts, class_labels=y).sample
+
+    def close(self):
+        if self._gen is not None:
+            self._gen.__exit__(None, None, None)
+
+
+def _diffusers_hook(model, kind: str):
+    from diffusers import hooks as H
+
+    if kind == "fbc-compute":
+        H.apply_first_block_cache(model, H.FirstBlockCacheConfig(threshold=0.0))
+    elif kind == "fbc-skip":
+        H.apply_first_block_cache(model, H.FirstBlockCacheConfig(threshold=1e9))
+    elif kind == "taylorseer":
+        H.apply_taylorseer_cache(model, H.TaylorSeerCacheConfig(
+            cache_interval=10 ** 6, disable_cache_before_step=2, max_order=1, taylor_factors_dtype=torch.float32,
+            cache_identifiers=[r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]))
+    return H.HookRegistry.check_if_exists_or_initialize(model)
+
+
+def runners(layers: int, compile_: bool) -> list[Runner]:
+    base = build(layers)
+    out = [Runner("original", copy.deepcopy(base))]
+    out.append(Runner("toca_fx fresh (interval 1)", toca_fx.transform(copy.deepcopy(base), interval=1), toca=True))
+    out.append(Runner("toca_fx partial (ToCa, r0 0.5)", toca_fx.transform(
+        copy.deepcopy(base), interval=10 ** 6, fresh_ratio=0.5), toca=True))
+    out.append(Runner("toca_fx reuse (FORA)", toca_fx.transform(copy.deepcopy(base), interval=10 ** 6, fresh_ratio=0.0),
+                      toca=True))
+    if compile_:
+        orig_c = copy.deepcopy(base)
+        for b in orig_c.transformer_blocks:
+            b.compile()
+        out.append(Runner("original, blocks compiled", orig_c))
+        out.append(Runner("toca_fx partial, compile=True", toca_fx.transform(
+            copy.deepcopy(base), interval=10 ** 6, fresh_ratio=0.5, compile=True), toca=True))
+    for kind, name in (("fbc-compute", "diffusers FirstBlockCache, computing"),
+                       ("fbc-skip", "diffusers FirstBlockCache, skipping"),
+                       ("taylorseer", "diffusers TaylorSeerCache, forecasting")):
+        m = copy.deepcopy(base)
+        out.append(Runner(name, m, hooks=_diffusers_hook(m, kind)))
+    return out
+
+
+def measure(layers=28, calls=40, rounds=7, compile_=True) -> dict:
+    torch.set_num_threads(1)
+    x = torch.randn(1, 4, 4, 4).repeat(2, 1, 1, 1)       # one-batch CFG: the halves are the same latents
+    y = torch.tensor([1, 1000])
+    rs = runners(layers, compile_)
+    with torch.no_grad():
+        for r in rs:                                       # warm-up: captures, compilation, the first fresh call
+            for _ in range(6):
+                r.call(x, y)
+        for _ in range(rounds):
+            for r in rs:
+                t0 = time.thread_time_ns()
+                for _ in range(calls):
+                    r.call(x, y)
+                r.samples.append((time.thread_time_ns() - t0) / 1e3 / calls / layers)
+    for r in rs:
+        r.close()
+    per_block = {r.name: statistics.median(r.samples) for r in rs}
+    base = per_block["original"]
+    rows = [dict(config=n, us_per_block=round(v, 1), vs_original_us=round(v - base, 1),
+                 of_original=round(v / base, 3)) for n, v in per_block.items()]
+    if compile_:
+        cb = per_block["original, blocks compiled"]
+        for row in rows:
+            row["of_original_compiled"] = round(per_block[row["config"]] / cb, 3)
+    ctl_stats = {r.name: dict(toca_fx.stats(r.model).calls) for r in rs if r.toca}
+    return dict(machine=f"{platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
+                        f"diffusers {diffusers.__version__}, 1 thread",
+                layers=layers, calls=calls, rounds=rounds, rows=rows, toca_calls=ctl_stats)
+
+
+def table(res: dict) -> str:
+    lines = [f"host time per block call ({res['layers']} blocks, width 64, 4 tokens, batch 2; median of "
+             f"{res['rounds']} rounds x {res['calls']} calls; thread CPU time) on {res['machine']}",
+             "| configuration | us per block | vs original (us) | of original |",
+             "|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['config']} | {r['us_per_block']:.1f} | {r['vs_original_us']:+.1f} | {r['of_original']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    res = measure(a.layers, a.calls, a.rounds, not a.no_compile)
+    print(table(res))
+    print("toca_fx model calls:", res["toca_calls"])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
