@@ -11,9 +11,12 @@ becomes a wall-clock one (a DiT-XL/2 block is 40-150 us of H100 time).
 Every configuration runs ``--calls`` model calls per round, inside one long generation, so the
 steady state is measured (captures and the first fresh call happen in the warm-up); rounds
 alternate the configurations side by side and the median over rounds is reported, as thread CPU
-time (``time.thread_time_ns``: other processes do not count) divided by calls x blocks.
+time (``time.thread_time_ns``: other processes do not count) per call, less the time of the same
+model with blocks that do nothing (its embedding and final layer), divided by the number of blocks.
 
-Rows: the original; toca_fx with every call fresh (interval 1); ToCa partial calls (fresh_ratio 0.5,
+Rows: the original; toca_fx with every call fresh (interval 1), with ToCa's score (its fresh calls
+also compute the attention map for s1: extra graph ops, not bookkeeping) and with the staleness
+score (nothing extra computed, so the difference is toca_fx's own host work); ToCa partial calls (fresh_ratio 0.5,
 attention reused); FORA reuse calls (fresh_ratio 0); with --compile also the original with every
 block compiled (``Module.compile()``) against toca_fx ``compile=True`` partial calls; diffusers
 FirstBlockCache computing every call (threshold 0) and skipping (threshold 1e9), TaylorSeerCache
@@ -68,6 +71,17 @@ class Runner:
             self._gen.__exit__(None, None, None)
 
 
+class _Skip(torch.nn.Module):
+    """A block that does nothing (keeps ``norm1``: DiT's final layer reads block 0's embedding)."""
+
+    def __init__(self, norm1):
+        super().__init__()
+        self.norm1 = norm1
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 def _diffusers_hook(model, kind: str):
     from diffusers import hooks as H
 
@@ -84,8 +98,12 @@ def _diffusers_hook(model, kind: str):
 
 def runners(layers: int, compile_: bool) -> list[Runner]:
     base = build(layers)
-    out = [Runner("original", copy.deepcopy(base))]
+    shell = copy.deepcopy(base)
+    shell.transformer_blocks = torch.nn.ModuleList(_Skip(b.norm1) for b in shell.transformer_blocks)
+    out = [Runner("no blocks (the model's own work)", shell), Runner("original", copy.deepcopy(base))]
     out.append(Runner("toca_fx fresh (interval 1)", toca_fx.transform(copy.deepcopy(base), interval=1), toca=True))
+    out.append(Runner("toca_fx fresh, staleness score (no attention map)", toca_fx.transform(
+        copy.deepcopy(base), interval=1, score="staleness"), toca=True))
     out.append(Runner("toca_fx partial (ToCa, r0 0.5)", toca_fx.transform(
         copy.deepcopy(base), interval=10 ** 6, fresh_ratio=0.5), toca=True))
     out.append(Runner("toca_fx reuse (FORA)", toca_fx.transform(copy.deepcopy(base), interval=10 ** 6, fresh_ratio=0.0),
@@ -123,6 +141,9 @@ def measure(layers=28, calls=40, rounds=7, compile_=True) -> dict:
     for r in rs:
         r.close()
     per_block = {r.name: statistics.median(r.samples) for r in rs}
+    # per block: what the model's call costs beyond the same model without blocks (embedding, final layer)
+    shell = per_block.pop("no blocks (the model's own work)")
+    per_block = {n: v - shell for n, v in per_block.items()}
     base = per_block["original"]
     rows = [dict(config=n, us_per_block=round(v, 1), vs_original_us=round(v - base, 1),
                  of_original=round(v / base, 3)) for n, v in per_block.items()]
@@ -131,7 +152,7 @@ def measure(layers=28, calls=40, rounds=7, compile_=True) -> dict:
         for row in rows:
             row["of_original_compiled"] = round(per_block[row["config"]] / cb, 3)
     ctl_stats = {r.name: dict(toca_fx.stats(r.model).calls) for r in rs if r.toca}
-    return dict(machine=f"{platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
+    return dict(shell_us_per_call=round(shell * layers, 1), machine=f"{platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
                         f"diffusers {diffusers.__version__}, 1 thread",
                 layers=layers, calls=calls, rounds=rounds, rows=rows, toca_calls=ctl_stats)
 
