@@ -280,7 +280,7 @@ def profile_overhead(cached, shape, args, dtype):
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     rows = prof.key_averages()
     total = sum(getattr(r, key) for r in rows)
-    names = {"select": ["toca_fx::select_tokens"], "gather": ["aten::gather"], "scatter": ["aten::scatter_"]}
+    names = {"select": ["aten::topk"], "gather": ["aten::gather"], "scatter": ["aten::scatter_"]}
     share = {k: sum(getattr(r, key) for r in rows if r.key in v) / total for k, v in names.items()}
     share["select+gather+scatter"] = sum(share.values())
     share["partial_call_ms"] = total / 1000.0

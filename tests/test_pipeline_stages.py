@@ -44,7 +44,7 @@ def test_stage_records_of_a_dit_program():
     assert list(p.stages) == STAGES + ["partial"]
     part = p.stages["partial"]
     assert part.runs == 1 and part.seconds > 0
-    assert part.counts == {"variants": 1, "reused_sites": 1, "partial_sites": 1, "gathers": 1, "scatters": 1,
+    assert part.counts == {"variants": 1, "reused_sites": 1, "partial_sites": 1, "gathers": 1, "scatters": 1, "selections": 1,
                            "region_nodes": 7, "nodes_removed": 31}
     before = {n: (r.runs, r.seconds) for n, r in p.stages.items()}
     _dit_call(model, 8)                                    # same techniques and k: the variant is reused

@@ -1,11 +1,8 @@
-"""Custom ops of toca_fx (``torch.library``, with fake kernels for export / compile / FLOP counting).
+"""The token selection in plain Python: the reference ``passes/select.py`` is tested against.
 
-The op is written into variant graphs by the passes and executed by the runtime, so it lives
-beside both rather than inside either (``passes`` must not import ``runtime``).
-
-Only token *selection* is a custom op: gathers and scatters are plain ``aten.gather`` /
-``aten.scatter_`` and every matrix product stays an ordinary ATen call, so
-``torch.utils.flop_counter.FlopCounterMode`` sees all the arithmetic.
+Variant graphs do not call these: the partial pass writes the same computation into the graph as
+ATen nodes (``passes.select.emit_select``), so inductor fuses it and no custom-op dispatch runs per
+call. Kept here, small and readable, as the definition of what a selection is.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
     return t.view(b, side // grid, side // grid, grid, grid).permute(0, 1, 3, 2, 4).reshape(b, n)
 
 
-@torch.library.custom_op("toca_fx::select_tokens", mutates_args=("stale",))
 def select_tokens(score: torch.Tensor, stale: torch.Tensor, k: int, stale_weight: float,
                   inv_interval: float, bonus: float, grid: int, paired: bool) -> torch.Tensor:
     """Top-k tokens per sample to recompute, and the staleness update (s3).
@@ -49,8 +45,3 @@ def select_tokens(score: torch.Tensor, stale: torch.Tensor, k: int, stale_weight
     stale.add_(1)
     stale.scatter_(1, idx, 0)
     return idx
-
-
-@select_tokens.register_fake
-def _select_tokens_fake(score, stale, k, stale_weight, inv_interval, bonus, grid, paired):
-    return score.new_empty((score.shape[0], k), dtype=torch.int64)

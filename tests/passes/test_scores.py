@@ -8,11 +8,12 @@ from hypothesis import strategies as st
 
 import toca_fx
 from conftest import branch_state, make_dit, make_pixart, program, sample_dit, sample_pixart
-from toca_fx.ops import spatial_bonus
+from selection import emitted_select
+from toca_fx.ops import select_tokens, spatial_bonus
 from toca_fx.passes.bindings import ScoreOutput
 from toca_fx.passes.scores import cross_entropy_score, received_attention
 
-select = torch.ops.toca_fx.select_tokens
+select = emitted_select                      # the selection the partial variants run
 
 
 @settings(max_examples=40, deadline=None)
@@ -34,6 +35,22 @@ def test_select_tokens_invariants(half, n, frac, cfg, seed):
     chosen = torch.zeros(b, n, dtype=torch.bool).scatter_(1, idx, True)
     assert torch.equal(stale[chosen], torch.zeros(int(chosen.sum())))
     assert torch.equal(stale[~chosen], before[~chosen] + 1)   # s3: +1 for every token not recomputed
+
+
+@settings(max_examples=40, deadline=None)
+@given(half=st.integers(1, 3), n=st.sampled_from([4, 9, 16, 64]), frac=st.floats(0.0, 1.0), cfg=st.booleans(),
+       grid=st.sampled_from([1, 2, 4]), bonus=st.sampled_from([0.0, 0.4, 0.6]), seed=st.integers(0, 1000))
+def test_the_graphs_selection_is_the_reference(half, n, frac, cfg, grid, bonus, seed):
+    g = torch.Generator().manual_seed(seed)
+    b = 2 * half
+    score = torch.rand(b, n, generator=g)
+    stale = torch.randint(0, 5, (b, n), generator=g).float()
+    k = int(frac * n)
+    stale_ref = stale.clone()
+    got = select(score, stale, k, 0.25, 1 / 3, bonus, grid, cfg)
+    ref = select_tokens(score, stale_ref, k, 0.25, 1 / 3, bonus, grid, cfg)
+    assert torch.equal(got.sort(dim=1).values, ref.sort(dim=1).values)
+    assert torch.equal(stale, stale_ref)
 
 
 def test_selection_is_per_sample_without_cfg():

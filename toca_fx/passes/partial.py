@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .. import ops  # noqa: F401  (registers toca_fx::select_tokens)
 from ..analysis.axes import External
 from ..analysis.sites import BlockAnalysis, Site
 from ..errors import ToCaError
 from .bindings import Buffer, ScoreInput, StateInput, StateSpec, TokenCount
 from .common import GraphBuilder, VariantGraph, static_shape
+from .select import emit_select
 from .techniques import TECHNIQUES
 
 aten = torch.ops.aten
@@ -27,7 +27,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class SelectSettings:
-    """Constants of ``toca_fx::select_tokens`` baked into a partial variant."""
+    """Constants of the token selection (``passes/select.py``) baked into a partial variant."""
 
     paired: bool                  # the CFG halves of the batch select the same tokens
     stale_weight: float
@@ -77,8 +77,8 @@ class PartialPass:
 
     # -- token selection and surgery ------------------------------------------------------------
     def select(self, site: Site, score: fx.Node | None = None) -> tuple[fx.Node, fx.Node]:
-        """(idx, k): ``toca_fx::select_tokens`` on the stream's base score (or ``score``, a (B, N)
-        node the technique computed) and the site's staleness."""
+        """(idx, k): the token selection (``passes/select.py``) on the stream's base score (or
+        ``score``, a (B, N) node the technique computed) and the site's staleness."""
         stream = site.stream
         if score is None:
             if stream not in self._score:
@@ -86,10 +86,7 @@ class PartialPass:
             score = self._score[stream]
         stale = self.state(Buffer(site.name, "stale"))
         k = self.b.input(TokenCount(site.name), f"k_{site.name}")
-        st = self.settings
-        idx = self.b.call(torch.ops.toca_fx.select_tokens.default, score, stale, k,
-                          float(st.stale_weight), float(st.inv_interval), float(st.bonus), int(st.grid),
-                          bool(st.paired))
+        idx = emit_select(self.b, score, stale, k, self.settings, self.analysis.stream_tokens(stream))
         return idx, k
 
     def gather(self, boundary: dict, idx: fx.Node, k: fx.Node, batch: int) -> dict:

@@ -9,7 +9,8 @@ A score has up to three parts:
 * its **finisher**: ingredient -> the per-token base score (B, N), run once per fresh step.
 
 The staleness (s3) and spatial (s4) terms and top-k are applied on partial steps by
-``toca_fx::select_tokens`` (``toca_fx/ops.py``). ``ToCaConfig.score`` accepts exactly the names of
+the selection the partial pass writes into the graph (``passes/select.py``; reference:
+``toca_fx/ops.py``). ``ToCaConfig.score`` accepts exactly the names of
 ``SCORES``.
 
 Example::
