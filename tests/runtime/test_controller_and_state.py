@@ -315,3 +315,28 @@ def test_accelerator_timestep_is_read_only_where_it_can_change_a_decision(loop, 
     assert reads2 == {"one-batch CFG": 2, "two calls per step": 18, "cache_context": 0}[loop]
     assert calls2 == calls and branches2 == branches
     assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "toca-ddim50"])
+def test_call_plans_are_made_once_per_kind_of_call(schedule, monkeypatch):
+    """Steady-state calls reuse their block's plan (variant, k, bound state): a constant ratio schedule
+    needs one fresh and one partial plan per block; a varying one a plan per step, made in the first
+    generation only."""
+    from toca_fx.runtime.block import BlockRuntime
+
+    made = []
+    plan_call = BlockRuntime._plan_call
+    monkeypatch.setattr(BlockRuntime, "_plan_call",
+                        lambda self, *a, **k: made.append(self.qualname) or plan_call(self, *a, **k))
+    model = make_dit(num_layers=2)
+    toca_fx.transform(model, interval=3, fresh_ratio=0.25, ratio_schedule=schedule)
+    per_generation = []
+    for _ in range(2):
+        before = len(made)
+        with toca_fx.generation(model, num_steps=6):
+            sample_dit(model, steps=6)
+        per_generation.append(len(made) - before)
+    partial = toca_fx.stats(model).calls["partial"] // 2
+    # per block: a fresh plan, and one partial plan (constant) or one per partial step (each its own progress)
+    assert per_generation == [2 * (1 + (1 if schedule == "constant" else partial)), 0]
+    assert partial == (4 if schedule == "constant" else 3)

@@ -129,6 +129,7 @@ class BlockRuntime:
         self._watch = None                     # live.Watch over the block's modules, armed when its structure was read
         self.changing = None                   # live.changed_numbers: runs unchanged until the next generation
         self._entry: _Entry | None = None      # the last call's layout, program and plans (the fast path)
+        self._ratio_varies = schedule.ratio_varies(controller.config)
         self.reset_stats()
 
     def refresh(self) -> None:
@@ -206,10 +207,17 @@ class BlockRuntime:
             self._entry = None
 
     def clear(self) -> None:
-        self.states.restart()                  # kept, zeroed: static addresses across generations
-        self._lifted = {}
+        """A new generation: caches invalid (kept, zeroed: static addresses across generations); the
+        program, lifted parameters and call plans stay (the watch says when they must not)."""
+        self.states.restart()
         self.changing = None
-        self._watch = None                     # reset(): re-read the structure on the next call
+
+    def reread(self) -> None:
+        """``toca_fx.reset``: re-read the structure and parameters on the next call (also what the
+        watch cannot see, a value changed in place inside an attribute)."""
+        self._lifted = {}
+        self._entry = None
+        self._watch = None
 
     # -- the program of this call ------------------------------------------------------------
     def _program(self, args, kwargs, branch) -> BlockProgram | None:
@@ -327,7 +335,9 @@ class BlockRuntime:
             call.forced = True                 # a partial call whose caches are gone (a fault): counted as fresh
             ctl.calls["partial"] -= 1
             ctl.calls["fresh"] += 1
-        pk = (call.branch, True) if fresh else (call.branch, False, call.progress, call.aggressive, ctl.paired)
+        # the plan's key: what its variant and k depend on (the progress only under a varying ratio schedule)
+        pk = (call.branch, True) if fresh else (
+            call.branch, False, call.progress if self._ratio_varies else None, call.aggressive, ctl.paired)
         plan = entry.plans.get(pk)
         if plan is None or plan.epoch != st.epoch:
             plan = entry.plans[pk] = self._plan_call(entry, st, call, fresh)

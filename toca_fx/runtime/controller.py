@@ -155,6 +155,8 @@ class Controller:
 
     def reset(self, stats: bool = False) -> None:
         self.new_generation(None)
+        for b in self.blocks:                  # the user's reset: every block re-reads its structure too
+            b.reread()
         self.direction = None
         if stats:
             self.evicted_flops = (0, 0, 0)

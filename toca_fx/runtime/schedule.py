@@ -74,6 +74,11 @@ def is_aggressive(config: "ToCaConfig", step: int, last_fresh: int, fresh: bool)
     return not fresh and config.cycle == "duca" and (step - last_fresh) % 2 == 0
 
 
+def ratio_varies(config: "ToCaConfig") -> bool:
+    """Does ``ratio`` depend on the sampling progress (otherwise a block's k is the same on every call)?"""
+    return bool(SCHEDULES[config.ratio_schedule].step_weight)
+
+
 def ratio(config: "ToCaConfig", progress: float | None, layer: int, num_layers: int, kind: str) -> float:
     """r(t, l, m) = clamp(r0 * f_step * f_layer * f_module, 0, 1)."""
     sched = SCHEDULES[config.ratio_schedule]
