@@ -49,3 +49,23 @@ def test_compiled_model_matches_eager():
     assert rel_err(out, reference) <= 1e-4          # inductor fuses differently from eager
     e = program(model)
     assert len(e.compiled) == 2                     # the fresh and one partial variant, shared by all blocks
+
+
+@pytest.mark.parametrize("preset", ["fora", "toca-dit-ddim50"])
+def test_no_recompiles_after_the_first_generation(preset):
+    """compile=True: every graph (fresh, partial per k) is compiled in the first generation; the
+    second, with the same schedule, compiles nothing (guards hold: no Python counter is guarded on)."""
+    from torch._dynamo.utils import counters
+
+    model = make_dit(num_layers=2)
+    toca_fx.transform(model, toca_fx.ToCaConfig.preset(preset, compile=True))
+    torch._dynamo.reset()
+    counters.clear()
+    with toca_fx.generation(model, num_steps=10):
+        sample_dit(model, steps=10)
+    first = counters["stats"]["unique_graphs"]
+    assert 2 <= first <= 8 and not counters["graph_break"]   # fresh + partial (+ block 0: another layout), no breaks
+    with toca_fx.generation(model, num_steps=10):
+        sample_dit(model, steps=10)
+    assert counters["stats"]["unique_graphs"] == first
+    assert toca_fx.stats(model).calls["partial"] > 0

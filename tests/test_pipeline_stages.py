@@ -36,7 +36,7 @@ def test_stage_records_of_a_dit_program():
     assert all(r.name == n and r.runs == 1 and r.seconds > 0 and r.refusals == [] for n, r in p.stages.items())
     assert {n: r.counts for n, r in p.stages.items()} == {
         "capture": {}, "analyse": {"sites": 2, "token_wise": 2}, "probe": {"probed": 1}, "score": {},
-        "state": {"buffers": 4}, "fresh": {"variants": 1, "attention_maps": 1, "nodes_removed": 0}}
+        "state": {"buffers": 4}, "fresh": {"variants": 1, "attention_maps": 1, "cache_writes": 2, "nodes_removed": 0}}
     (e,) = toca_fx.explain(model).entries
     assert e.seconds == {n: r.seconds for n, r in p.stages.items()} and e.variants == 1
 

@@ -8,7 +8,7 @@ import torch
 
 import toca_fx
 from conftest import make_dit
-from toca_fx.passes.bindings import (Buffer, ScoreInput, ScoreOutput, StateInput, StateOutput, StateSpec, StepInput,
+from toca_fx.passes.bindings import (Buffer, ScoreInput, ScoreOutput, StateInput, StateSpec, StepInput,
                                      TokenCount)
 
 
@@ -42,7 +42,7 @@ def test_slots_are_values():
     assert StateInput(Buffer("a", "value")) == StateInput(Buffer("a", "value"))
     assert len({StateInput(Buffer("a", "value")), StateInput(Buffer("a", "value")), StateInput(Buffer("a", "stale")),
                 ScoreInput(0), ScoreInput(0), ScoreInput(1), TokenCount("a"), StepInput(), StepInput()}) == 6
-    assert StateInput(Buffer("a", "value")) != StateOutput(Buffer("a", "value"))
+    assert StateInput(Buffer("a", "value")) != StateInput(Buffer("a", "stale"))
 
 
 def test_allocate_value_buffer_in_the_cache_dtype(dit):
@@ -110,14 +110,8 @@ def test_input_slots_fetch_from_the_context():
         StateInput(Buffer("mlp0", "kv0")).fetch(ctx)
 
 
-def test_output_slots_store_in_place():
+def test_output_slots_store():
     ctx = FakeCtx()
-    buf = ctx.buffers[Buffer("mlp0", "value")]
-    ptr = buf.data_ptr()
-    new = torch.arange(6.0).view(2, 3)
-    StateOutput(Buffer("mlp0", "value")).store(ctx, new)
-    assert ctx.buffers[Buffer("mlp0", "value")] is buf and buf.data_ptr() == ptr   # same tensor, same address
-    assert torch.equal(buf, new) and new is not buf
     m = torch.rand(2, 3, 4)
     ScoreOutput("cross_map").store(ctx, m)
     assert len(ctx.set_scores) == 1 and ctx.set_scores[0] is m
@@ -137,18 +131,21 @@ def _n_outputs(gm):
 def test_fresh_variant_slots(dit):
     _, p = dit
     v = p.fresh
-    assert v.outputs == (StateOutput(Buffer("self_attn0", "value")), StateOutput(Buffer("mlp0", "value")),
-                         ScoreOutput("received"))
-    assert v.inputs == (V("self_attn0", "stale"), V("mlp0", "stale"))   # zeroed in the graph
-    assert _extra_placeholders(v, p) == ["stale_self_attn0", "stale_mlp0"]
-    assert _n_outputs(v.gm) == v.n_user_outputs + 3 and v.n_user_outputs == _n_outputs(p.capture.gm)
+    assert v.outputs == (ScoreOutput("received"),)       # caches are written in the graph, not returned
+    assert v.inputs == (V("self_attn0"), V("self_attn0", "stale"), V("mlp0"), V("mlp0", "stale"))
+    assert v.mutated == (0, 1, 2, 3)                      # F copied in, staleness zeroed: all in place
+    assert _extra_placeholders(v, p) == ["cache_self_attn0", "stale_self_attn0", "cache_mlp0", "stale_mlp0"]
+    assert _n_outputs(v.gm) == v.n_user_outputs + 1 and v.n_user_outputs == _n_outputs(p.capture.gm)
+    copies = [n for n in v.gm.graph.nodes if n.target == torch.ops.aten.copy_.default]
+    assert len(copies) == 2 and list(v.gm.graph.nodes)[-2] is copies[-1]   # the graph's last ops
     assert v.actions == {"self_attn0": "fresh", "mlp0": "fresh"}
 
 
 def test_fresh_variant_slots_partial_kv():
     _, p = _dit(self_attention="partial-kv", score="staleness")
-    assert p.fresh.outputs == (StateOutput(Buffer("self_attn0", "value")), StateOutput(Buffer("self_attn0", "kv0")),
-                               StateOutput(Buffer("self_attn0", "kv1")), StateOutput(Buffer("mlp0", "value")))
+    assert p.fresh.outputs == ()
+    written = {p.fresh.inputs[i] for i in p.fresh.mutated}
+    assert {V("self_attn0"), V("self_attn0", "kv0"), V("self_attn0", "kv1"), V("mlp0")} <= written
 
 
 def test_partial_variant_slots(dit):
@@ -172,8 +169,7 @@ def test_partial_variant_slots_all_reused(dit):
 
 def test_forecast_variant_slots():
     _, p = _dit(forecast_order=1)
-    assert p.fresh.outputs == (StateOutput(Buffer("self_attn0", "value")), StateOutput(Buffer("mlp0", "value")),
-                               ScoreOutput("received"))
+    assert p.fresh.outputs == (ScoreOutput("received"),)
     assert StepInput() in p.fresh.inputs                  # the tables are refreshed at the step value
     v = p.variant({"self_attn0": "forecast", "mlp0": "partial_forecast"}, paired=False)
     assert StepInput() in v.inputs and TokenCount("mlp0") in v.inputs

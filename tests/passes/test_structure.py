@@ -12,7 +12,7 @@ import toca_fx
 from blocks import EscapingBlock, MixerBlock, MLPOnlyBlock, Stack
 from conftest import make_dit, make_pixart, pixart_text, program
 from toca_fx.analysis import probe_site, run_with_override
-from toca_fx.passes.bindings import Buffer, ScoreInput, ScoreOutput, StateInput, StateOutput, TokenCount
+from toca_fx.passes.bindings import Buffer, ScoreInput, ScoreOutput, StateInput, TokenCount
 
 aten = torch.ops.aten
 
@@ -68,8 +68,8 @@ def test_dit_variant_ops():
     sdpa = aten.scaled_dot_product_attention.default
     assert _ops(orig, sdpa) == _ops(fresh, sdpa) == 1
     assert _ops(orig, aten._softmax.default) == 0 and _ops(fresh, aten._softmax.default) == 1   # s1 map, fresh only
-    assert e.fresh.outputs == (StateOutput(Buffer("self_attn0", "value")), StateOutput(Buffer("mlp0", "value")),
-                               ScoreOutput("received"))
+    assert e.fresh.outputs == (ScoreOutput("received"),)
+    assert {StateInput(Buffer("self_attn0", "value")), StateInput(Buffer("mlp0", "value"))} <= set(e.fresh.inputs)
     v = e.variant({"self_attn0": "reuse", "mlp0": "partial"}, True)
     g = v.gm
     assert _ops(g, sdpa) == 0                                # reused attention is not computed at all
@@ -153,7 +153,8 @@ def test_escaping_branch_output_is_not_cached():
     assert len(mlp) == 1 and not mlp[0].cacheable
     assert mlp[0].refusal.code == "escapes" and mlp[0].refusal.stage == "analyse"
     assert mlp[0].reason in str(toca_fx.explain(model))
-    assert e.fresh.outputs == (StateOutput(Buffer("self_attn0", "value")), ScoreOutput("received"))
+    assert e.fresh.outputs == (ScoreOutput("received"),)
+    assert StateInput(Buffer("self_attn0", "value")) in e.fresh.inputs
     assert st_actions(model, mlp[0].name) == {"fresh", "compute"}
     # the attention site is still cached: partial calls reuse it
     assert st_actions(model, "self_attn0") == {"fresh", "reuse"}
@@ -227,7 +228,7 @@ def test_partial_kv_variant_computes_every_projection_on_k_tokens():
     e = _entry(model)
     att = e.analysis.site("self_attn0")
     assert len(att.kv.values) == 2 and att.kv_refusal is None
-    assert [s.buffer for s in e.fresh.outputs if isinstance(s, StateOutput)] == [
+    assert [e.fresh.inputs[i].buffer for i in e.fresh.mutated if e.fresh.inputs[i].buffer.name != "stale"] == [
         Buffer("self_attn0", "value"), Buffer("self_attn0", "kv0"), Buffer("self_attn0", "kv1"), Buffer("mlp0", "value")]
     v = e.variant({"self_attn0": "partial_kv", "mlp0": "partial"}, True)
     g = v.gm

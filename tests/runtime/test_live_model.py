@@ -321,6 +321,22 @@ def test_backward_through_cached_calls_runs():
     assert torch.isfinite(x.grad).all() and toca_fx.stats(model).calls == {"fresh": 2, "partial": 2}
 
 
+@pytest.mark.parametrize("overrides", [dict(fresh_ratio=0.25), dict(fresh_ratio=0.25, forecast_order=1)],
+                         ids=["toca", "token-wise forecast"])
+def test_calls_with_grad_update_the_caches_as_calls_without(overrides):
+    # with grad enabled the graph runs on copies of the caches (autograd may save them); what it writes
+    # (caches, staleness, difference tables) must still reach the buffers
+    model, _ = _twin(interval=3, **overrides)
+    other, _ = _twin(interval=3, **overrides)
+    for t in T:
+        x, y = _inputs(1)
+        with torch.no_grad():
+            a = model(x, timestep=torch.full((2,), t), class_labels=y).sample
+        b = other(x, timestep=torch.full((2,), t), class_labels=y).sample.detach()
+        assert torch.allclose(a, b, atol=1e-6), f"t={t}: {float((a - b).abs().max())}"
+    assert toca_fx.stats(other).calls == {"fresh": 2, "partial": 4}
+
+
 def test_inference_mode_calls_then_no_grad_calls_in_one_generation():
     model = make_dit()
     toca_fx.transform(model, interval=3, fresh_ratio=0.5)

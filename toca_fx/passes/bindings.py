@@ -10,7 +10,7 @@ Example::
 
     v.inputs    # (StateInput(Buffer('mlp0', 'value')), ScoreInput(0), StateInput(Buffer('mlp0', 'stale')),
                 #  TokenCount('mlp0'))
-    v.outputs   # (StateOutput(Buffer('mlp0', 'value')), ScoreOutput('received'))
+    v.outputs   # (ScoreOutput('received'),)   (the fresh variant's; caches are written in the graph)
 """
 
 from __future__ import annotations
@@ -97,16 +97,6 @@ class StepInput:
 
 
 # -- outputs -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StateOutput:
-    """A value written into a state buffer in place (the buffer keeps its address)."""
-
-    buffer: Buffer
-
-    def store(self, ctx, value: torch.Tensor) -> None:
-        ctx.state_buffer(self.buffer).copy_(value)
-
 
 @dataclass(frozen=True)
 class ScoreOutput:

@@ -30,6 +30,7 @@ class VariantGraph:
     n_user_outputs: int
     counts: dict[str, int] = field(default_factory=dict)
     key: tuple | None = None          # the program's key for it (None: the fresh variant)
+    mutated: tuple = ()               # positions in ``inputs`` the graph writes in place (caches, counters)
 
 
 class GraphBuilder:
@@ -51,6 +52,7 @@ class GraphBuilder:
         self._inputs_by_slot: dict = {}
         self._last_placeholder = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
         self.counts: dict[str, int] = {}
+        self._writes: list[tuple[fx.Node, fx.Node]] = []
 
     def bump(self, key: str, by: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + by
@@ -69,6 +71,11 @@ class GraphBuilder:
     def output(self, slot, node: fx.Node) -> None:
         self.outputs.append(node)
         self.outputs_slots.append(slot)
+
+    def write(self, cache: fx.Node, value: fx.Node) -> None:
+        """``cache.copy_(value)`` as the graph's last op (after every read of the old value: a
+        technique's refresh reads it), into the state buffer in place: no graph output becomes a cache."""
+        self._writes.append((cache, value))
 
     def call(self, target, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(target, args, kwargs)
@@ -117,15 +124,33 @@ class GraphBuilder:
         return self.call(aten.scatter_.src, cache, ax.token, index, src)
 
     def finish(self, name: str, actions: dict[str, str], key: tuple | None = None) -> VariantGraph:
+        for cache, value in self._writes:
+            self.call(aten.copy_.default, cache, value)
+        if self._writes:
+            self.bump("cache_writes", len(self._writes))
         self.graph.output(tuple(self.outputs))
         before = len(self.graph.nodes)
         eliminate_dead_code(self.graph)
         self.bump("nodes_removed", before - len(self.graph.nodes))
         self.graph.lint()
         gm = fx.GraphModule(torch.nn.Module(), self.graph, class_name=name)
+        phs = [self._inputs_by_slot[s] for s in self.inputs]
+        mutated = tuple(i for i, ph in enumerate(phs) if any(_writes_to(u, ph) for u in ph.users))
         return VariantGraph(name=name, gm=gm, actions=dict(actions), inputs=tuple(self.inputs),
                             outputs=tuple(self.outputs_slots), n_user_outputs=self.n_user_outputs,
-                            counts=dict(self.counts), key=key)
+                            counts=dict(self.counts), key=key, mutated=mutated)
+
+
+def _writes_to(node: fx.Node, ph: fx.Node) -> bool:
+    """Does ``node`` write into ``ph`` in place (an argument its schema marks as written)?"""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return False
+    for arg, a in zip(schema.arguments, node.args):
+        if a is ph and arg.alias_info is not None and arg.alias_info.is_write:
+            return True
+    return any(v is ph and arg.alias_info is not None and arg.alias_info.is_write
+               for arg in schema.arguments for k, v in node.kwargs.items() if k == arg.name)
 
 
 def eliminate_dead_code(graph: fx.Graph) -> None:

@@ -351,9 +351,15 @@ class BlockRuntime:
                 state[i] = slot.fetch(ctx)
         grad = torch.is_grad_enabled()
         if grad:
-            # autograd may save a cache for backward; later calls overwrite caches in place, so it gets a copy
+            # autograd may save a cache for backward; later calls overwrite caches in place, so it gets a
+            # copy, and what the graph wrote into the copies is copied back (values, not history)
+            buffers = state
             state = [t.clone() if isinstance(t, torch.Tensor) else t for t in state]
         outs = plan.runner(*entry.lifted, *flat, *state)
+        if grad and v.mutated:
+            with torch.no_grad():
+                for i in v.mutated:
+                    buffers[i].copy_(state[i])
         n = v.n_user_outputs
         if v.outputs:
             ctx = ctx or _Binding(self, p, st, plan.ks, x)

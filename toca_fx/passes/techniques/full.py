@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..bindings import Buffer, StateOutput
+from ..bindings import Buffer
 from . import Technique, refresh, register
 
 aten = torch.ops.aten
@@ -24,7 +24,7 @@ class Full(Technique):
         # zeroed, techniques' own tables refreshed
         for spec in p.specs[site.name]:
             if spec.is_filled:
-                p.b.output(StateOutput(spec.buffer), p.b.env[spec.node])
+                p.b.write(p.state(spec.buffer), p.b.env[spec.node])
         p.b.call(aten.zero_.default, p.state(Buffer(site.name, "stale")))
         # the refreshes read F: insert them after it, before its first reader
         fv = p.value(site)
