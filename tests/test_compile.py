@@ -69,3 +69,26 @@ def test_no_recompiles_after_the_first_generation(preset):
         sample_dit(model, steps=10)
     assert counters["stats"]["unique_graphs"] == first
     assert toca_fx.stats(model).calls["partial"] > 0
+
+
+def test_torch_compile_of_the_transformed_model_runs_the_runtime_eagerly():
+    """torch.compile(transformed model): the model's own code is compiled, toca_fx's controller and
+    block runtime run eagerly (torch.compiler.disable), so dynamo never guards on its counters:
+    the same output and schedule as eager, and no new graph in the second generation."""
+    from torch._dynamo.utils import counters
+
+    model = make_dit(num_layers=2)
+    eager = copy.deepcopy(model)
+    for m in (model, eager):
+        toca_fx.transform(m, interval=3, fresh_ratio=0.25)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model)
+    first = sample_dit(compiled, steps=6)
+    graphs = counters["stats"]["unique_graphs"]
+    second = sample_dit(compiled, steps=6)
+    assert counters["stats"]["unique_graphs"] == graphs
+    reference = sample_dit(eager, steps=6)
+    assert rel_err(first, reference) <= 1e-4 and rel_err(second, reference) <= 1e-4
+    assert toca_fx.stats(eager).calls == {"fresh": 2, "partial": 4}
+    assert toca_fx.stats(model).calls == {"fresh": 4, "partial": 8}          # two generations, same schedule

@@ -8,6 +8,7 @@ import inspect
 import logging
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .capture import find_block_lists
@@ -104,9 +105,13 @@ class _CallHooks:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
 
+    # torch.compile of the transformed model: the controller runs eagerly (its decisions read Python
+    # counters, which dynamo would guard on and recompile for); the model's own code is compiled
+    @torch.compiler.disable
     def before(self, module, args, kwargs):
         self.ctl.begin_call(args, kwargs)
 
+    @torch.compiler.disable
     def after(self, module, args, kwargs, out):
         _after_call(module, self.ctl)
 

@@ -295,6 +295,9 @@ class BlockRuntime:
         if st is not None:
             st.ready = False
 
+    # torch.compile of the transformed model runs each block's call eagerly (compile=True compiles
+    # its variant graphs, one per kind of call); the code around the blocks is compiled
+    @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         if self.removed:
             return self.original_forward(*args, **kwargs)
