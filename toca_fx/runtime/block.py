@@ -82,13 +82,14 @@ class _Plan:
     """One kind of call of one block on one branch: the variant, its per-site k, the bound state
     inputs (static buffers, so bound once), and what ``stats`` counts for it."""
 
-    __slots__ = ("variant", "ks", "label", "record", "increments", "state", "dynamic", "epoch", "runner")
+    __slots__ = ("variant", "ks", "label", "record", "increments", "state", "dynamic", "owner", "epoch", "runner")
 
-    def __init__(self, variant, ks, label, record, increments, state, dynamic, epoch, runner):
+    def __init__(self, variant, ks, label, record, increments, state, dynamic, owner, runner):
         self.variant, self.ks, self.label, self.record = variant, ks, label, record
         self.increments = increments           # ((site, stats label, tokens computed, tokens), ...)
         self.state, self.dynamic = state, dynamic   # bound inputs; positions re-fetched per call
-        self.epoch, self.runner = epoch, runner
+        self.owner, self.epoch = owner, owner.epoch   # the BranchState bound (re-bound if replaced / moved)
+        self.runner = runner
 
 
 _PLAIN = (int, float, bool, str, type(None))
@@ -342,7 +343,7 @@ class BlockRuntime:
         pk = (call.branch, True) if fresh else (
             call.branch, False, call.progress if self._ratio_varies else None, call.aggressive, ctl.paired)
         plan = entry.plans.get(pk)
-        if plan is None or plan.epoch != st.epoch:
+        if plan is None or plan.owner is not st or plan.epoch != st.epoch:
             plan = entry.plans[pk] = self._plan_call(entry, st, call, fresh)
         v = plan.variant
         ctx = None
@@ -387,9 +388,7 @@ class BlockRuntime:
             if lifted is None:
                 # the block's own parameters, in the captured graph's order; refreshed by reset()
                 lifted = self._lifted[p.key] = p.capture.lifted_values(self.module)
-            entry = _Entry(ck, p, lifted)
-            if ck is not None:                 # only a call with a cheap key can find it again
-                self._entry = entry
+            entry = self._entry = _Entry(ck, p, lifted)   # ck None (containers): found by program only
         st = self.states.get(call.branch)
         if st is None or st.key != p.key:
             st = BranchState(p.key)
@@ -425,7 +424,7 @@ class BlockRuntime:
             else:
                 state.append(slot.fetch(ctx))
         return _Plan(v, ks, "fresh" if fresh else "partial", record, increments, tuple(state), tuple(dynamic),
-                     st.epoch, p.runner(v))
+                     st, p.runner(v))
 
     def generator(self, device):
         g = self._gen
