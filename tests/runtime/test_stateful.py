@@ -59,6 +59,7 @@ class UserOfATransformedModel(RuleBasedStateMachine):
         self.models = (self.ref, self.exact, self.cached)
         self.loop, self.pos = _loop(4), 0
         self.batch = 2
+        self.called_batch = None        # the batch of the last call: a generation starts when it changes
         self.seed = 0
         self.calls = 0
         self.in_generation = 0          # calls since the last generation start (0: the next call starts one)
@@ -75,6 +76,9 @@ class UserOfATransformedModel(RuleBasedStateMachine):
         if self._starts_loop():
             self.loop, self.pos = _loop(len(self.loop)), 0
             self.in_generation = 0
+        if self.batch != self.called_batch:      # 1 -> 3 -> 1 between two calls is no change
+            self.in_generation = 0
+            self.called_batch = self.batch
         t = self.loop[self.pos]
         self.pos += 1
         self.seed += 1
@@ -111,9 +115,7 @@ class UserOfATransformedModel(RuleBasedStateMachine):
 
     @rule(batch=st.integers(1, 3))
     def change_batch(self, batch):
-        if batch != self.batch:
-            self.batch = batch
-            self.in_generation = 0
+        self.batch = batch
 
     # -- changes to the model ----------------------------------------------------------------
     @rule(block=st.integers(0, 1), scale=st.floats(0.5, 1.5))
