@@ -209,11 +209,12 @@ def build_stats(ctl) -> Stats:
             for s, n in st.site_nbytes().items():
                 site_bytes[f"{rt.qualname}.{s}"] = site_bytes.get(f"{rt.qualname}.{s}", 0) + n
     f_orig, f_act, f_score = ctl.evicted_flops         # calls of programs evicted since (captures.py)
-    for rec, count in ctl.flop_log.items():
+    flop_log = ctl.flop_log                            # folded from the blocks' tallies: once
+    for rec, count in flop_log.items():
         o, a, sc = ctl.programs[rec.program].call_flops(by_name[rec.block].module, rec.variant, dict(rec.ks))
         f_orig, f_act, f_score = f_orig + count * o, f_act + count * a, f_score + count * sc
     return Stats(calls=dict(ctl.calls), blocks=blocks, sites=sites, cache_bytes=cache,
                  flops_original=f_orig, flops_actual=f_act, generations=ctl.generations, flops_score=f_score,
-                 records=dict(ctl.flop_log), timestep_reads=ctl.timestep_reads, paired=ctl.paired,
+                 records=dict(flop_log), timestep_reads=ctl.timestep_reads, paired=ctl.paired,
                  branches={k: {"step": b.step, "last_fresh": b.last_fresh} for k, b in ctl.branches.items()},
                  num_steps=ctl.num_steps, site_bytes=site_bytes)

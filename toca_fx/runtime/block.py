@@ -178,7 +178,7 @@ class BlockRuntime:
     def fold_away(self, program_key) -> list:
         """The program was evicted: its plans' site stats are kept as totals; returns (record, calls)."""
         gone = []
-        for plan in [pl for pl in self.tally if pl.record.program is program_key or pl.record.program == program_key]:
+        for plan in [pl for pl in self.tally if pl.record.program == program_key]:
             n = self.tally.pop(plan)
             _fold(self._site_base, plan, n)
             gone.append((plan.record, n))
@@ -396,9 +396,6 @@ class BlockRuntime:
             with torch.inference_mode(False):   # caches made in an inference_mode call serve later no_grad calls
                 st.allocate(p, x.shape[0], x.device)
             self.states.set(call.branch, st)
-            for e in (entry, self._entry):
-                if e is not None:
-                    e.branch_states.pop(call.branch, None)
         entry.branch_states[call.branch] = st
         return entry, st
 
@@ -412,8 +409,9 @@ class BlockRuntime:
         else:
             actions, ks = self.plan(p, call)
             v = p.variant(actions, bool(ctl.paired), self.qualname)
-            increments = tuple((s.name, TECHNIQUES[actions[s.name]].stats_label,
-                                TECHNIQUES[actions[s.name]].tokens(s, ks.get(s.name, 0)), s.n_tokens) for s in p.sites)
+            techs = {s.name: TECHNIQUES[actions[s.name]] for s in p.sites}
+            increments = tuple((s.name, techs[s.name].stats_label, techs[s.name].tokens(s, ks.get(s.name, 0)), s.n_tokens)
+                               for s in p.sites)
             record = CallRecord(p.key, self.qualname, v.key, tuple(sorted(ks.items())))
         ctx = _Binding(self, p, st, ks, None)
         state, dynamic = [], []

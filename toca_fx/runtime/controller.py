@@ -97,8 +97,8 @@ class Controller:
         compiled programs (recaptured on its first call), no call in flight, and starts with a new
         generation and zeroed stats; the original is untouched."""
         d = self.__dict__.copy()
-        d.update(programs=CaptureStore(self.config.max_captures, None), evicted_flops=(0, 0, 0), calls=Counter(), current=None, _snapshot=None, _call_thread=None,
-                 owner=None, generations=0, _copied=True)
+        d.update(programs=CaptureStore(self.config.max_captures, None), evicted_flops=(0, 0, 0), calls=Counter(),
+                 current=None, _snapshot=None, _call_thread=None, owner=None, generations=0, _copied=True)
         return d
 
     def __setstate__(self, d: dict) -> None:

@@ -91,9 +91,6 @@ class BlockState(nn.Module):
         for st in self._modules.values():
             st.restart()
 
-    def clear(self) -> None:
-        self._modules.clear()
-
     def values(self):
         return list(self._modules.values())
 
