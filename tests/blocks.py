@@ -20,6 +20,22 @@ class Attention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, d))
 
 
+class PreNormBlock(nn.Module):
+    """x + attn(norm(x)), then x + fc(norm(x)); ``scale``, a Python number, multiplies the attention
+    branch when given (as diffusers' blocks take a LoRA ``scale``)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x, scale=None):
+        a = self.attn(self.n1(x))
+        x = x + (a if scale is None else a * scale)
+        return x + self.fc(self.n2(x))
+
+
 class EscapingBlock(nn.Module):
     """The MLP output is also returned: it escapes the residual add, so it must not be cached."""
 

@@ -12,6 +12,20 @@ import toca_fx
 diffusers = pytest.importorskip("diffusers")
 
 
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402 (after the importorskip)
+
+
+class ScaledProcessor(AttnProcessor2_0):
+    """diffusers' SDPA processor with its output scaled: a user's per-block processor."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return super().__call__(attn, hidden_states, *args, **kwargs) * self.scale
+
+
 def make_dit(num_layers=3, heads=2, head_dim=16, sample=8, seed=0, num_classes=10):
     torch.manual_seed(seed)
     return diffusers.DiTTransformer2DModel(

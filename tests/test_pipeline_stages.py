@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import toca_fx
-from blocks import Attention, EscapingBlock, MLPOnlyBlock, Stack
+from blocks import Attention, EscapingBlock, MLPOnlyBlock, PreNormBlock, Stack
 from conftest import make_dit
 from toca_fx import Refusal, ToCaConfig
 from toca_fx.passes.bindings import ScoreOutput
@@ -111,16 +111,8 @@ def test_capture_failure_leaves_the_block_unchanged():
     assert st.flops_actual == 0 and st.cache_bytes == 0
 
 
-class _Block(nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d)
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.n1(x))
-        return x + self.fc(self.n2(x))
+class _Block(PreNormBlock):
+    """A pre-norm attention block (its class name is what the tests below read)."""
 
 
 class _TwoLists(nn.Module):

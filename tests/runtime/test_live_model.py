@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import toca_fx
-from blocks import Attention, Stack
-from conftest import diffusers, make_dit
+from blocks import Attention, PreNormBlock, Stack
+from conftest import ScaledProcessor, diffusers, make_dit
 
 T = [900, 700, 500, 300, 100, 50]
 
@@ -44,20 +44,6 @@ def _same(model, ref, steps=T):
     for t in steps:
         a, b = _call(model, t), _call(ref, t)
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), f"t={t}: {float((a - b).abs().max())}"
-
-
-from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
-
-
-class ScaledProcessor(AttnProcessor2_0):
-    """diffusers' SDPA processor with its output scaled: a per-block processor."""
-
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        return super().__call__(attn, hidden_states, *args, **kwargs) * self.scale
 
 
 def _attn(model, i):
@@ -390,24 +376,10 @@ def test_pickle_round_trip_of_a_transformed_model():
 
 # -- a Python number among the block's arguments that changes per call ------------------------------
 
-class ScaledBlock(nn.Module):
-    """A block taking a Python float (as diffusers' blocks take a LoRA ``scale`` or a sampler a factor)."""
-
-    def __init__(self, d=16):
-        super().__init__()
-        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d)
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x, scale=1.0):
-        x = x + self.attn(self.n1(x)) * scale
-        return x + self.fc(self.n2(x))
-
-
 class ScaledStack(nn.Module):
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList([ScaledBlock() for _ in range(2)])
+        self.blocks = nn.ModuleList([PreNormBlock(16) for _ in range(2)])   # takes a Python float
 
     def forward(self, x, timestep=None, scale=1.0):
         for b in self.blocks:

@@ -26,22 +26,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import toca_fx
-from conftest import make_dit
+from conftest import ScaledProcessor, make_dit
 
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402 (conftest skips without diffusers)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-class ScaledProcessor(AttnProcessor2_0):
-    """diffusers' SDPA processor with its output scaled (a user's per-block processor)."""
-
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        return super().__call__(attn, hidden_states, *args, **kwargs) * self.scale
 
 
 def _loop(steps: int) -> list[int]:
