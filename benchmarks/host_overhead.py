@@ -157,6 +157,23 @@ def measure(layers=28, calls=40, rounds=7, compile_=True) -> dict:
                 layers=layers, calls=calls, rounds=rounds, rows=rows, toca_calls=ctl_stats)
 
 
+def watch_cost(layers=28, calls=3000, rounds=7) -> dict:
+    """Thread CPU time of one live-model check (``runtime/live.py`` ``Watch.changed``) on one block."""
+    from toca_fx.runtime.live import Watch
+
+    torch.set_num_threads(1)
+    block = build(layers).transformer_blocks[0]
+    w = Watch(list(block.modules()))
+    w.arm()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.thread_time_ns()
+        for _ in range(calls):
+            w.changed()
+        samples.append((time.thread_time_ns() - t0) / 1e3 / calls)
+    return dict(us_per_check=round(statistics.median(samples), 2), dicts=len(w.dicts))
+
+
 def table(res: dict) -> str:
     lines = [f"host time per block call ({res['layers']} blocks, width 64, 4 tokens, batch 2; median of "
              f"{res['rounds']} rounds x {res['calls']} calls; thread CPU time) on {res['machine']}",
@@ -173,9 +190,15 @@ def main(argv=None) -> None:
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--watch-only", action="store_true", help="only the live-model check's cost per block call")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    watch = watch_cost(a.layers)
+    print(f"live-model watch: {watch['us_per_check']} us per block call ({watch['dicts']} dicts read)")
+    if a.watch_only:
+        return
     res = measure(a.layers, a.calls, a.rounds, not a.no_compile)
+    res["watch"] = watch
     print(table(res))
     print("toca_fx model calls:", res["toca_calls"])
     if a.json:
