@@ -18,7 +18,10 @@ Rows: the original; toca_fx with every call fresh (interval 1), with ToCa's scor
 also compute the attention map for s1: extra graph ops, not bookkeeping) and with the staleness
 score (nothing extra computed, so the difference is toca_fx's own host work); ToCa partial calls (fresh_ratio 0.5,
 attention reused); FORA reuse calls (fresh_ratio 0); with --compile also the original with every
-block compiled (``Module.compile()``) against toca_fx ``compile=True`` partial calls; diffusers
+block compiled (``Module.compile()``) against toca_fx ``compile=True`` partial calls, and the original
+against toca_fx partial calls with the whole model ``torch.compile(fullgraph=True)``'d after three
+eager calls (calls decided ahead: ``runtime/replay.py``; the model's own work subtracted compiled the
+same way); diffusers
 FirstBlockCache computing every call (threshold 0) and skipping (threshold 1e9), TaylorSeerCache
 forecasting. The column "vs original" is the difference to the original's block, in microseconds.
 """
@@ -48,8 +51,9 @@ def build(layers: int) -> torch.nn.Module:
 class Runner:
     """One configuration: a model and how a round of calls runs on it."""
 
-    def __init__(self, name: str, model, toca: bool = False, hooks=None):
-        self.name, self.model, self.toca, self.hooks = name, model, toca, hooks
+    def __init__(self, name: str, model, toca: bool = False, hooks=None, whole: bool = False):
+        self.name, self.model, self.toca, self.hooks, self.whole = name, model, toca, hooks, whole
+        self.handle = model                    # what is called: the model, or it torch.compile'd whole
         self.t = 999.0
         self.samples: list[float] = []
         self._gen = None
@@ -63,8 +67,8 @@ class Runner:
         if self.hooks is not None:             # diffusers' cache hooks need a cache context
             from diffusers.models.cache_utils import CacheMixin
             with CacheMixin.cache_context(self.model, "cfg"):
-                return self.model(x, timestep=ts, class_labels=y).sample
-        return self.model(x, timestep=ts, class_labels=y).sample
+                return self.handle(x, timestep=ts, class_labels=y).sample
+        return self.handle(x, timestep=ts, class_labels=y).sample
 
     def close(self):
         if self._gen is not None:
@@ -115,6 +119,11 @@ def runners(layers: int, compile_: bool) -> list[Runner]:
         out.append(Runner("original, blocks compiled", orig_c))
         out.append(Runner("toca_fx partial, compile=True", toca_fx.transform(
             copy.deepcopy(base), interval=10 ** 6, fresh_ratio=0.5, compile=True), toca=True))
+        # whole-model torch.compile(fullgraph=True): toca_fx's calls decided ahead (runtime/replay.py)
+        out.append(Runner("no blocks, whole-model compiled", copy.deepcopy(shell), whole=True))
+        out.append(Runner("original, whole-model compiled", copy.deepcopy(base), whole=True))
+        out.append(Runner("toca_fx partial, whole-model compiled", toca_fx.transform(
+            copy.deepcopy(base), interval=10 ** 6, fresh_ratio=0.5), toca=True, whole=True))
     for kind, name in (("fbc-compute", "diffusers FirstBlockCache, computing"),
                        ("fbc-skip", "diffusers FirstBlockCache, skipping"),
                        ("taylorseer", "diffusers TaylorSeerCache, forecasting")):
@@ -130,7 +139,9 @@ def measure(layers=28, calls=40, rounds=7, compile_=True) -> dict:
     rs = runners(layers, compile_)
     with torch.no_grad():
         for r in rs:                                       # warm-up: captures, compilation, the first fresh call
-            for _ in range(6):
+            for i in range(6):
+                if r.whole and i == 3:                     # toca_fx: compiled after eager calls of the layout
+                    r.handle = torch.compile(r.model, fullgraph=True)
                 r.call(x, y)
         for _ in range(rounds):
             for r in rs:
@@ -143,7 +154,8 @@ def measure(layers=28, calls=40, rounds=7, compile_=True) -> dict:
     per_block = {r.name: statistics.median(r.samples) for r in rs}
     # per block: what the model's call costs beyond the same model without blocks (embedding, final layer)
     shell = per_block.pop("no blocks (the model's own work)")
-    per_block = {n: v - shell for n, v in per_block.items()}
+    shell_c = per_block.pop("no blocks, whole-model compiled", None)
+    per_block = {n: v - (shell_c if "whole-model" in n else shell) for n, v in per_block.items()}
     base = per_block["original"]
     rows = [dict(config=n, us_per_block=round(v, 1), vs_original_us=round(v - base, 1),
                  of_original=round(v / base, 3)) for n, v in per_block.items()]
@@ -151,7 +163,12 @@ def measure(layers=28, calls=40, rounds=7, compile_=True) -> dict:
         cb = per_block["original, blocks compiled"]
         for row in rows:
             row["of_original_compiled"] = round(per_block[row["config"]] / cb, 3)
-    ctl_stats = {r.name: dict(toca_fx.stats(r.model).calls) for r in rs if r.toca}
+        wb = per_block["original, whole-model compiled"]
+        for row in rows:
+            if "whole-model" in row["config"]:
+                row["of_original_whole"] = round(per_block[row["config"]] / wb, 3)
+    ctl_stats = {r.name: dict(toca_fx.stats(r.model).calls, compiled=toca_fx.stats(r.model).compiled_calls)
+                 for r in rs if r.toca}
     return dict(shell_us_per_call=round(shell * layers, 1), machine=f"{platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
                         f"diffusers {diffusers.__version__}, 1 thread",
                 layers=layers, calls=calls, rounds=rounds, rows=rows, toca_calls=ctl_stats)

@@ -15,7 +15,7 @@ from .capture import find_block_lists
 from .config import ToCaConfig
 from .errors import ToCaError
 from .report import Explanation, Stats, build_explanation, build_stats
-from .runtime import diffusers_context
+from .runtime import diffusers_context, replay
 from .runtime.block import BlockRuntime
 from .runtime.controller import Controller
 from .runtime.state import ToCaState
@@ -41,8 +41,14 @@ def _resolve_config(config, overrides) -> ToCaConfig:
     return config.replace(**overrides) if overrides else config
 
 
+def _compiled_inner(model):
+    """The module a ``torch.compile``'d module wraps (toca_fx's state lives there), else ``model``."""
+    inner = getattr(model, "_orig_mod", None) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _controller(model) -> Controller:
-    target = model.transformer if _is_pipeline(model) else model
+    target = _compiled_inner(model.transformer if _is_pipeline(model) else model)
     ctl = target.__dict__.get(_ATTR)
     if ctl is None:
         raise ToCaError(f"{type(target).__name__} is not transformed by toca_fx (call toca_fx.transform first)")
@@ -98,6 +104,12 @@ def transform(model, config: ToCaConfig | str | dict | None = None, **overrides)
     return model
 
 
+_EAGER_REASON = ("toca_fx decides this call eagerly: whole-model compiled calls need a call of the same input "
+                 "layout made before without torch.compile, and a generation of known length "
+                 "(toca_fx.generation(model, num_steps=N) or a diffusers pipeline call); adaptive fresh steps, "
+                 "a random score and forecast_variable='timestep' always run eagerly")
+
+
 class _CallHooks:
     """The model-level hooks, as bound methods (not closures) so that ``copy.deepcopy`` and pickle
     carry them over to the copy's own controller."""
@@ -105,14 +117,29 @@ class _CallHooks:
     def __init__(self, ctl: Controller):
         self.ctl = ctl
 
-    # torch.compile of the transformed model: the controller runs eagerly (its decisions read Python
-    # counters, which dynamo would guard on and recompile for); the model's own code is compiled
-    @torch.compiler.disable
+    # torch.compile of the transformed model: a call decided ahead (runtime/replay.py) is compiled
+    # whole, the controller reads nothing inside the graph and counts the call after it; any other
+    # call runs the controller eagerly (a graph break; its decisions read Python counters, which
+    # dynamo would guard on and recompile for)
     def before(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            kind = self.ctl.replay_kind
+            if kind is not None and replay.layout(args, kwargs) == kind.layout:
+                return None
+        self._before(module, args, kwargs)
+
+    def after(self, module, args, kwargs, out):
+        if torch.compiler.is_compiling() and self.ctl.replay_kind is not None:
+            replay.advance(self.ctl.uid)
+            return None
+        self._after(module, args, kwargs, out)
+
+    @torch.compiler.disable(reason=_EAGER_REASON)
+    def _before(self, module, args, kwargs):
         self.ctl.begin_call(args, kwargs)
 
-    @torch.compiler.disable
-    def after(self, module, args, kwargs, out):
+    @torch.compiler.disable(reason=_EAGER_REASON)
+    def _after(self, module, args, kwargs, out):
         _after_call(module, self.ctl)
 
 
@@ -166,7 +193,7 @@ def is_transformed(model) -> bool:
         toca_fx.is_transformed(pipe.transformer)    # False
         toca_fx.transform(pipe); toca_fx.is_transformed(pipe)    # True
     """
-    target = model.transformer if _is_pipeline(model) else model
+    target = _compiled_inner(model.transformer if _is_pipeline(model) else model)
     return isinstance(target, nn.Module) and _ATTR in target.__dict__
 
 
@@ -193,10 +220,12 @@ def generation(model, num_steps: int | None = None):
     ctl = _controller(model)
     ctl.new_generation(num_steps)
     ctl._keep_steps = True
+    replay.prepare(ctl)                        # a compiled model's first call of the generation, decided ahead
     try:
         yield ctl
     finally:
         ctl._keep_steps = False
+        replay.discard(ctl)
 
 
 def explain(model) -> Explanation:

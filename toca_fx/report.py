@@ -163,6 +163,8 @@ class Stats:
     branches: dict = field(default_factory=dict)   # CFG branch -> {"step": calls so far, "last_fresh": step}
     num_steps: int | None = None                   # calls per branch of the current generation, if known
     site_bytes: dict = field(default_factory=dict)  # "<block>.<site>" -> cache bytes, all CFG branches
+    compiled_calls: int = 0                        # calls decided ahead and run whole-model compiled (replay.py)
+    call_kinds: int = 0                            # kinds of call decided ahead so far (a compiled graph each)
 
     @property
     def flops_ratio(self) -> float:
@@ -179,6 +181,8 @@ class Stats:
                  f"  of which the token score on fresh calls: {self.flops_score / 1e9:.3f} G "
                  f"({self.flops_score / max(self.flops_actual, 1):.1%})",
                  f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB"]
+        if self.compiled_calls:
+            lines.append(f"  whole-model compiled calls: {self.compiled_calls}, {self.call_kinds} kind(s) of call")
         ran = {k: sum(b.get(k, 0) for b in self.blocks.values()) for k in ("fresh", "partial", "original")}
         lines.insert(1, f"  block calls: {ran['fresh']} fresh, {ran['partial']} partial, {ran['original']} unchanged "
                         "(toca_fx.explain says why a block runs unchanged)")
@@ -217,4 +221,5 @@ def build_stats(ctl) -> Stats:
                  flops_original=f_orig, flops_actual=f_act, generations=ctl.generations, flops_score=f_score,
                  records=dict(flop_log), timestep_reads=ctl.timestep_reads, paired=ctl.paired,
                  branches={k: {"step": b.step, "last_fresh": b.last_fresh} for k, b in ctl.branches.items()},
-                 num_steps=ctl.num_steps, site_bytes=site_bytes)
+                 num_steps=ctl.num_steps, site_bytes=site_bytes, compiled_calls=ctl.replayed,
+                 call_kinds=len(ctl.kinds))

@@ -18,10 +18,10 @@ import torch.utils._pytree
 
 from ..capture import signature_of, structure_of
 from ..passes import TECHNIQUES, choose
-from ..passes.bindings import Buffer, ScoreInput, StepInput
+from ..passes.bindings import Buffer, ScoreInput, ScoreOutput, StepInput
 from ..pipeline import compile_block, rng_devices
 from ..program import BlockProgram
-from . import live, schedule
+from . import live, replay, schedule
 from .state import BlockState, BranchState
 
 log = logging.getLogger("toca_fx")
@@ -82,7 +82,8 @@ class _Plan:
     """One kind of call of one block on one branch: the variant, its per-site k, the bound state
     inputs (static buffers, so bound once), and what ``stats`` counts for it."""
 
-    __slots__ = ("variant", "ks", "label", "record", "increments", "state", "dynamic", "owner", "epoch", "runner")
+    __slots__ = ("variant", "ks", "label", "record", "increments", "state", "dynamic", "owner", "epoch", "runner",
+                 "canon")
 
     def __init__(self, variant, ks, label, record, increments, state, dynamic, owner, runner):
         self.variant, self.ks, self.label, self.record = variant, ks, label, record
@@ -90,6 +91,7 @@ class _Plan:
         self.state, self.dynamic = state, dynamic   # bound inputs; positions re-fetched per call
         self.owner, self.epoch = owner, owner.epoch   # the BranchState bound (re-bound if replaced / moved)
         self.runner = runner
+        self.canon = self                      # the first plan of the same record and state (replay.py's kinds)
 
 
 _PLAIN = (int, float, bool, str, type(None))
@@ -130,6 +132,7 @@ class BlockRuntime:
         self._watch = None                     # live.Watch over the block's modules, armed when its structure was read
         self.changing = None                   # live.changed_numbers: runs unchanged until the next generation
         self._entry: _Entry | None = None      # the last call's layout, program and plans (the fast path)
+        self._canon: dict = {}                 # (record, state) -> the first plan made for it
         self._ratio_varies = schedule.ratio_varies(controller.config)
         self.reset_stats()
 
@@ -138,6 +141,7 @@ class BlockRuntime:
         run cached, and its parameters; caches computed before the change are invalidated."""
         m = self.module
         self._entry = None
+        self._canon = {}
         self.structure = structure_of(m, numbers=False)
         self.fine_structure = structure_of(m)
         self.refused = live.unsupported(m, self, self.wrapped)
@@ -151,7 +155,7 @@ class BlockRuntime:
     def __getstate__(self) -> dict:
         # a copy (deepcopy / pickle) re-reads its structure and parameters; generators are not copied
         d = self.__dict__.copy()
-        d.update(_lifted={}, program_keys=set(), _gen=None, _watch=None, _entry=None, tally=Counter())
+        d.update(_lifted={}, program_keys=set(), _gen=None, _watch=None, _entry=None, tally=Counter(), _canon={})
         if self.wrapped is None:
             # pickle stores a bound method as getattr(module, "forward"): that would be this runtime
             d["original_forward"] = None
@@ -206,6 +210,7 @@ class BlockRuntime:
         self._lifted.pop(key, None)
         if self._entry is not None and self._entry.program.key == key:
             self._entry = None
+        self._canon = {k: v for k, v in self._canon.items() if k[0].program != key}
 
     def clear(self) -> None:
         """A new generation: caches invalid (kept, zeroed: static addresses across generations); the
@@ -296,10 +301,69 @@ class BlockRuntime:
         if st is not None:
             st.ready = False
 
-    # torch.compile of the transformed model runs each block's call eagerly (compile=True compiles
-    # its variant graphs, one per kind of call); the code around the blocks is compiled
-    @torch.compiler.disable
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self._replay(args, kwargs)
+        return self._call(*args, **kwargs)
+
+    def _replay(self, args, kwargs):
+        """Inside a whole-model compiled call: run the plan prepared for this block (runtime/replay.py);
+        dynamo traces only this, so the graph holds the variant and reads no counter."""
+        kind = self.controller.replay_kind
+        if kind is None:                       # the controller decided this call eagerly: so does the block
+            return self._call(*args, **kwargs)
+        slot = kind.plans[self.index]
+        if slot is None:                       # runs unchanged (refused, or another list was rejected)
+            return self.original_forward(*args, **kwargs)
+        plan, entry, step = slot
+        if _call_key(args, kwargs) != entry.call_key:
+            raise replay.mismatch(self.qualname)
+        p, v = entry.program, plan.variant
+        state = plan.state
+        if step is not None:
+            state = list(state)
+            for i, _ in plan.dynamic:
+                state[i] = step
+        flat = [*args, *kwargs.values()] if entry.call_key is not None else p.capture.flatten_inputs(args, kwargs)
+        # the block's parameters read from the module as the graph runs (a reassigned one is what runs)
+        outs = v.gm(*p.capture.lifted_values(self.module), *flat, *state)
+        n = v.n_user_outputs
+        if v.outputs:                          # the fresh step's score ingredient -> the block's base score
+            with torch.no_grad():
+                for val in outs[n:]:
+                    plan.owner.score.copy_(p.score.ingredient.finish(val, kind.paired))
+        return outs[0] if entry.single_output else p.capture.unflatten_outputs(outs[:n])
+
+    def replay_plan(self, call, paired):
+        """What this block runs on a call decided ahead: (plan, entry, step buffer); None: it runs
+        unchanged; False: the call cannot be decided ahead (the block must run eagerly first)."""
+        if self.removed or self.blist.rejected is not None or self.refused is not None:
+            return None
+        entry = self._entry
+        if entry is None or self._watch is None or self.changing is not None:
+            return False
+        st = entry.branch_states.get(call.branch)
+        if st is None or st is not self.states.get(call.branch) or not (call.fresh or st.ready):
+            return False
+        pk = (call.branch, True) if call.fresh else (
+            call.branch, False, call.progress if self._ratio_varies else None, call.aggressive, paired)
+        plan = entry.plans.get(pk)
+        if plan is None or plan.owner is not st or plan.epoch != st.epoch:
+            plan = entry.plans[pk] = self._plan_call(entry, st, call, call.fresh)
+        step = None
+        for _, slot in plan.dynamic:
+            if not isinstance(slot, StepInput):   # a score drawn per call
+                return False
+            step = self.controller.step_buffer(st.score.device)
+        if plan.variant.outputs and not all(isinstance(o, ScoreOutput) for o in plan.variant.outputs):
+            return False
+        return plan.canon, entry, step
+
+    # torch.compile of the transformed model runs this eagerly (a graph break) unless the call was
+    # decided ahead (_replay); compile=True compiles the variant graphs, one per kind of call
+    @torch.compiler.disable(reason="toca_fx: this block's call is decided eagerly (see toca_fx's README, "
+                                   "'Whole-model torch.compile')")
+    def _call(self, *args, **kwargs):
         if self.removed:
             return self.original_forward(*args, **kwargs)
         ctl = self.controller
@@ -421,8 +485,12 @@ class BlockRuntime:
                 state.append(None)
             else:
                 state.append(slot.fetch(ctx))
-        return _Plan(v, ks, "fresh" if fresh else "partial", record, increments, tuple(state), tuple(dynamic),
+        plan = _Plan(v, ks, "fresh" if fresh else "partial", record, increments, tuple(state), tuple(dynamic),
                      st, p.runner(v))
+        # plans of other progress values that run the same variant and k on the same state are one
+        # kind of call for a compiled model (one graph); hashed here, once per plan
+        plan.canon = self._canon.setdefault((record, id(st), st.epoch), plan)
+        return plan
 
     def generator(self, device):
         g = self._gen

@@ -19,8 +19,9 @@ import torch.utils._pytree as pytree
 
 from ..config import ToCaConfig
 from ..errors import ToCaError
-from . import schedule
+from . import replay, schedule
 from .captures import CaptureStore
+from .state import mark_static
 
 log = logging.getLogger("toca_fx")
 
@@ -89,6 +90,16 @@ class Controller:
         self._snapshot = None              # the counters before the call in flight (restored if it fails)
         self._call_thread: int | None = None
         self.owner: int | None = None      # the thread whose calls make up the current generation
+        # whole-model torch.compile (runtime/replay.py): the next call, decided ahead
+        self.uid = replay.register(self)
+        self.replay_kind = None            # the prepared call's CallKind (what compiled graphs are chosen by)
+        self._pending = None               # (its CallInfo, the counters before it)
+        self.kinds: dict = {}              # interned CallKinds (kept across generations: same kind, same graph)
+        self.last_layout = None            # the last eager call's argument layout (replay.layout)
+        self.replayed = 0                  # calls run from a prepared kind (compiled)
+        self.paired_last = None            # what the last generation learned (a prepared call cannot look)
+        self.pattern_last = None
+        self._step_buffers: dict = {}      # device -> (1,) float32: the prepared call's forecast variable
         self.new_generation(None)
 
     # -- copies ------------------------------------------------------------------------------
@@ -98,12 +109,14 @@ class Controller:
         generation and zeroed stats; the original is untouched."""
         d = self.__dict__.copy()
         d.update(programs=CaptureStore(self.config.max_captures, None), evicted_flops=(0, 0, 0), calls=Counter(),
-                 current=None, _snapshot=None, _call_thread=None, owner=None, generations=0, _copied=True)
+                 current=None, _snapshot=None, _call_thread=None, owner=None, generations=0, _copied=True,
+                 replay_kind=None, _pending=None, kinds={}, last_layout=None, replayed=0, _step_buffers={})
         return d
 
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
         self.programs.on_evict = self._evicted
+        self.uid = replay.register(self)
 
     _copied = False
 
@@ -115,6 +128,7 @@ class Controller:
                 fo, fa, fs = program.call_flops(b.module, rec.variant, dict(rec.ks))
                 o, a, s = o + n * fo, a + n * fa, s + n * fs
             b.forget(key)
+        self.kinds.clear()                     # prepared kinds hold plans of the evicted program
         self.evicted_flops = (o, a, s)
 
     @property
@@ -141,6 +155,11 @@ class Controller:
 
     # -- generations -----------------------------------------------------------------------
     def new_generation(self, num_steps: int | None = None) -> None:
+        replay.discard(self)
+        if getattr(self, "paired", None) is not None:
+            self.paired_last = self.paired
+        if getattr(self, "_pattern", None) is not None:
+            self.pattern_last = self._pattern
         self.num_steps = num_steps if num_steps is not None else self.config.num_steps
         self.signature = None
         self.branches: dict[Any, BranchCounter] = {}
@@ -155,10 +174,12 @@ class Controller:
 
     def reset(self, stats: bool = False) -> None:
         self.new_generation(None)
+        self.kinds.clear()
         for b in self.blocks:                  # the user's reset: every block re-reads its structure too
             b.reread()
         self.direction = None
         if stats:
+            self.replayed = 0
             self.evicted_flops = (0, 0, 0)
             self.calls.clear()
             self.generations = 0
@@ -202,6 +223,10 @@ class Controller:
         if self._copied:                           # the first call of a copy: its state is its own from here
             self._copied = False
             self.reset(stats=True)
+        if self._pending is not None:              # an eager call after one was prepared: decided here instead
+            replay.discard(self)
+        if not implicit:
+            self.last_layout = replay.layout(args, kwargs)
         tid = threading.get_ident()
         if self.current is not None:
             if self._call_thread != tid:
@@ -363,12 +388,26 @@ class Controller:
             self.abort_call()
         else:
             self.end_call()
+            if self._keep_steps and self.num_steps:
+                replay.prepare(self)          # the next call decided ahead, for a compiled model
 
     def begin_implicit(self, rt, args, kwargs) -> None:
         """A block ran with no model call in progress (a method called ``self.forward`` directly, or
         the blocks are driven by hand): the block starts the call, and the call ends when a block at
         or before the last one that ran (in model order) starts again."""
         self.begin_call(args, kwargs, implicit=True)
+
+    def step_buffer(self, device) -> torch.Tensor:
+        """The prepared call's forecast variable on ``device``: one static (1,) tensor, written ahead."""
+        t = self._step_buffers.get(device)
+        if t is None:
+            t = self._step_buffers[device] = torch.zeros(1, dtype=torch.float32, device=device)
+            mark_static((t,))
+        return t
+
+    def step_value(self, s: float) -> None:
+        for t in self._step_buffers.values():
+            t.fill_(s)
 
     def end_call(self) -> None:
         if self.current is not None:

@@ -28,6 +28,9 @@ def attach(model, controller) -> bool:
             name = None if context is None else getattr(context, "name", context)
             controller.context_name = name
             super().set_context(context)
+            if controller._pending is not None or (controller._keep_steps and name is not None):
+                from . import replay
+                replay.prepare(controller)     # a compiled call decided ahead: for this branch
 
     class _ContextHook(ModelHook):
         _is_stateful = True

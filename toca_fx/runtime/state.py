@@ -46,6 +46,7 @@ class BranchState(nn.Module):
         for i in range(1, len(program.analysis.streams)):   # other streams rank by staleness alone
             self.register_buffer(f"score_s{i}", torch.zeros(batch, program.analysis.stream_tokens(i), device=device),
                                  persistent=False)
+        mark_static(self._buffers.values())
 
     def restart(self) -> None:
         """A new generation: every buffer zeroed in place (counters and difference tables start from
@@ -105,10 +106,20 @@ class ToCaState(nn.Module):
             for st in block.values():
                 st.ready = False
                 st.epoch += 1
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        mark_static(self.buffers())
+        return out
 
     def block(self, qualname: str) -> BlockState:
         name = qualname.replace(".", "__") or "root"
         if name not in self._modules:
             self.add_module(name, BlockState())
         return self._modules[name]
+
+
+def mark_static(tensors) -> None:
+    """Tell dynamo these addresses never change (caches written in place, kept across generations), so
+    a whole-model compiled graph may mutate them under CUDA graphs (``mode="reduce-overhead"``)."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_static_address(t, guard=False)
