@@ -187,8 +187,9 @@ def test_explain_collects_site_refusals():
     assert toca_fx.stats(model).sites["blocks.0.mlp0"]["compute"] == 1      # computed as captured
 
 
-class _GroupedQuery(nn.Module):
-    """Grouped-query attention (4 query heads, 2 key/value heads): no attention map for s1."""
+class _BroadcastKeys(nn.Module):
+    """Keys/values broadcast over an axis of the queries ((B, 2, 2, N, d) queries, (B, 1, 2, N, d)
+    keys): no attention map for s1 (grouped-query attention has one: its keys are repeated per group)."""
 
     def __init__(self, d=16):
         super().__init__()
@@ -198,15 +199,15 @@ class _GroupedQuery(nn.Module):
     def forward(self, x):
         b, n, d = x.shape
         h = self.n1(x)
-        q = self.q(h).view(b, n, 4, 4).transpose(1, 2)
-        k, v = self.kv(h).view(b, n, 2, 2, 4).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        x = x + self.o(a.transpose(1, 2).reshape(b, n, d))
+        q = self.q(h).view(b, n, 2, 2, 4).permute(0, 2, 3, 1, 4)
+        k, v = self.kv(h).view(b, n, 2, 1, 2, 4).permute(2, 0, 3, 4, 1, 5)
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(a.permute(0, 3, 1, 2, 4).reshape(b, n, d))
         return x + self.fc(self.n2(x))
 
 
 def test_score_without_an_attention_map_falls_back_to_staleness():
-    model = Stack([_GroupedQuery() for _ in range(2)]).eval()
+    model = Stack([_BroadcastKeys() for _ in range(2)]).eval()
     toca_fx.transform(model, interval=2, fresh_ratio=0.5)
     with torch.no_grad():
         for t in (3, 2):

@@ -142,3 +142,67 @@ ZOO = {
     "hunyuan-dit": hunyuan, "cogvideox": cogvideox, "latte": latte, "sana": sana, "auraflow": auraflow,
     "vit": vit, "gpt2": gpt2,
 }
+
+
+# -- more diffusers 0.42 models (issue 14): each exercises one layout the pass must read ----------------
+
+def _wake(m):
+    """Zero-initialised modulations and output projections make branches vanish (every call would
+    trivially match): give every all-zero parameter small random values."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.numel() > 1 and not p.any():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def ace_step():
+    """Grouped-query attention: 4 query heads share 2 key/value heads (SDPA's enable_gqa)."""
+    torch.manual_seed(0)
+    m = diffusers.AceStepTransformer1DModel(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, in_channels=8,
+                                            audio_acoustic_hidden_dim=4, patch_size=2, sliding_window=4,
+                                            encoder_hidden_size=16)
+    return _wake(m), lambda s: dict(hidden_states=torch.randn(2, 16, 4, generator=_g(s)),
+                                    timestep=_t(s, 2).float() / 1000, timestep_r=_t(s, 2).float() / 1000,
+                                    encoder_hidden_states=torch.randn(2, 5, 16, generator=_g(0, 1)),
+                                    context_latents=torch.randn(2, 16, 4, generator=_g(0, 2)))
+
+
+def ernie_image():
+    """Sequence-first blocks: the stream is (S, B, C), permuted to batch-first around the attention."""
+    torch.manual_seed(0)
+    m = diffusers.ErnieImageTransformer2DModel(hidden_size=16, num_attention_heads=2, num_layers=2, ffn_hidden_size=32,
+                                               in_channels=4, out_channels=4, patch_size=1, text_in_dim=12,
+                                               rope_axes_dim=(2, 2, 4))
+    return _wake(m), lambda s: dict(hidden_states=torch.randn(2, 4, 4, 4, generator=_g(s)), timestep=_t(s, 2).float(),
+                                    text_bth=torch.randn(2, 5, 12, generator=_g(0, 1)), text_lens=torch.tensor([5, 3]))
+
+
+def _wan_like(cls):
+    """Wan's RoPE writes into slices of an ``empty_like`` in place."""
+    def build():
+        torch.manual_seed(0)
+        m = cls(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+        return _wake(m), lambda s: dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=_g(s)), timestep=_t(s, 2),
+                                        encoder_hidden_states=torch.randn(2, 5, 12, generator=_g(0, 1)))
+    return build
+
+
+def z_image():
+    """``autocast(enabled=False)`` regions: torch.export's ``wrap_with_autocast`` submodules."""
+    torch.manual_seed(0)
+    m = diffusers.ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=2,
+                                           n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=12,
+                                           axes_dims=[2, 2, 4], axes_lens=[64, 16, 16])
+    return _wake(m), lambda s: dict(x=[torch.randn(4, 1, 8, 8, generator=_g(s, 3 + i)) for i in range(2)],
+                                    t=_t(s, 2).float() / 1000,
+                                    cap_feats=[torch.randn(8, 12, generator=_g(0, 1 + i)) for i in range(2)])
+
+
+ZOO_MORE = {
+    "ace-step": ace_step, "ernie-image": ernie_image, "wan": _wan_like(diffusers.WanTransformer3DModel),
+    "skyreels-v2": _wan_like(diffusers.SkyReelsV2Transformer3DModel), "z-image": z_image,
+}

@@ -77,9 +77,9 @@ def transform(model, config: ToCaConfig | str | dict | None = None, **overrides)
         raise ToCaError(f"{type(model).__name__} is already transformed by toca_fx; call toca_fx.remove(model) first")
     lists, notes = find_block_lists(model)
     if not lists:
-        searched = "; ".join(notes) if notes else "the model has no nn.ModuleList"
-        raise ToCaError(f"no transformer blocks found in {type(model).__name__}: looked for an nn.ModuleList of "
-                        f"same-class blocks holding attention ({searched})")
+        searched = "; ".join(notes) if notes else "the model has no nn.ModuleList or nn.Sequential"
+        raise ToCaError(f"no transformer blocks found in {type(model).__name__}: looked for an nn.ModuleList "
+                        f"(or nn.Sequential) of same-class blocks holding attention ({searched})")
     ctl = Controller(config)
     ctl.lists = lists
     ctl.discovery_notes = notes

@@ -127,7 +127,7 @@ class BlockProgram:
     def extra_input_specs(self, v: VariantGraph, ks: dict[str, int]) -> list:
         """TensorSpecs / ints of the inputs a variant takes beyond the block's own (for FLOP counting)."""
         x = self.capture.example_inputs[self.stream_index]
-        b = x.shape[0]
+        b = self.analysis.stream_batch(0) if self.analysis.streams else x.shape[0]
         specs = {s.buffer: s for site in self.state.values() for s in site}
         out = []
         for slot in v.inputs:

@@ -30,7 +30,8 @@ where one function raises one code from two places):
   _reduce         reduces-token-axis "token or batch axis"  test_reduce_refuses_token_or_batch_axis[*]
   _reshape        reshapes-merged-axis     test_reshape_refuses_other_reshape_of_merged_axis
   _reshape        reshapes-token-axis      test_reshape_refuses_merging_or_splitting_token_axis[*]
-  _reshape        reshapes-batch-axis      test_reshape_refuses_merging_batch_axis
+  _reshape        reshapes-batch-axis      test_reshape_refuses_merging_batch_axis,
+                                           test_reshape_refuses_splitting_folded_batch_elsewhere
   _squeeze        removes-token-axis       test_squeeze_refuses_removing_token_axis,
                                            test_squeeze_refuses_inconsistent_output_rank (tampered meta)
   _split          splits-token-axis        test_split_refuses_token_or_batch_axis[*]
@@ -47,6 +48,8 @@ where one function raises one code from two places):
   _matmul         contracts-token-axis     test_matmul_refuses_contracting_token_axis
   propagate       not-a-call               test_propagate_refuses_non_call_nodes
   propagate       merged-axis-op           test_propagate_refuses_merged_axis_into_other_ops
+  propagate       batch-merged-op          test_propagate_refuses_arithmetic_on_a_folded_batch
+  _sdpa           merged-axis-op           test_sdpa_on_batch_merged_queries_gathers_mask_rows_batch_major
   propagate       no-axis-rule             test_propagate_refuses_ops_without_rule
 
 Codes are compared when the exception carries a ``refusal`` (the library's Refusal object); the
@@ -649,9 +652,61 @@ def test_reshape_refuses_merging_or_splitting_token_axis(fn, shape):
 
 
 def test_reshape_refuses_merging_batch_axis():
-    # token-major (N, B, C) -> (N, B*C): the batch merges with the channels
-    gm, (x,) = export(lambda x: x.view(N, B * C), (N, B, C))
-    refused(one(gm, aten.view), {x: Axes(1, 0)}, "reshapes-batch-axis")
+    # (2, B, N, C) -> (2*B, N, C): the batch merges with the axis before it (not batch-major)
+    gm, (x,) = export(lambda x: x.view(2 * B, N, C), (2, B, N, C))
+    refused(one(gm, aten.view), {x: Axes(1, 2)}, "reshapes-batch-axis", "merges the batch axis")
+
+
+def test_reshape_folds_heads_into_the_batch_and_back():
+    # sequence-first (N, B, C) -> (N, B*2, C/2) (nn.MultiheadAttention's heads folded into the batch):
+    # the batch axis holds (B x heads), batch-major; (B*2, N, C/2) -> (B, 2, N, C/2) splits it back
+    gm, (x,) = export(lambda x: x.view(N, B * 2, C // 2).transpose(0, 1).reshape(B, 2, N, C // 2), (N, B, C))
+    view, = calls(gm, aten.view)
+    folded = prop(view, {x: Axes(1, 0)}).out
+    assert folded == Axes(1, 0, batch_merged=B)
+    tr = one(gm, aten.transpose)
+    assert prop(tr, {view: folded}).out == Axes(0, 1, batch_merged=B)
+    back = [n for n in calls(gm) if n not in (view, tr)][-1]
+    assert prop(back, {tr: Axes(0, 1, batch_merged=B)}).out == Axes(0, 2)
+
+
+def test_reshape_refuses_splitting_folded_batch_elsewhere():
+    # (B*4, N, C/4) -> (4, B, N, C/4): the outer factor is not the batch
+    gm, (x,) = export(lambda x: x.view(4, B, N, C // 4), (B * 4, N, C // 4))
+    refused(one(gm, aten.view), {x: Axes(0, 1, batch_merged=B)}, "reshapes-batch-axis", "flattened batch x heads")
+
+
+def test_propagate_refuses_arithmetic_on_a_folded_batch():
+    # a softmax (or any op other than a layout move) on (B x heads) rows would need to know the samples
+    gm, (x,) = export(lambda x: torch.softmax(x, -1), (B * 2, N, C))
+    refused(one(gm, aten.softmax), {x: Axes(0, 1, batch_merged=B)}, "batch-merged-op")
+
+
+def test_reshape_merges_tokens_and_batch_token_major_and_splits_back():
+    # sequence-first (N, B, H, d) -> (N*B, C): tokens outer, batch inner; (N*B, C) -> (N, B, C) splits it
+    gm, (x,) = export(lambda x: x.reshape(N * B, C).view(N, B, C), (N, B, 2, C // 2))
+    merge, split = calls(gm)
+    m = prop(merge, {x: Axes(1, 0)}).out
+    assert m == Axes(None, 0, B, token_major=True)
+    assert prop(split, {merge: m}).out == Axes(1, 0)
+
+
+def test_transpose_keeps_a_merged_token_axis():
+    gm, (x,) = export(lambda x: x.transpose(1, 2), (1, B * N, 2, C))
+    assert prop(one(gm, aten.transpose), {x: Axes(None, 1, B)}).out == Axes(None, 2, B)
+
+
+def test_sdpa_on_batch_merged_queries_gathers_mask_rows_batch_major():
+    # queries of all samples as one sequence (1, H, B*N, d) with a (B*N, B*L) block-diagonal mask
+    L = 3
+    gm, (q, k, v, m) = export(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                              (1, 2, B * N, C), (1, 2, B * L, C), (1, 2, B * L, C),
+                              torch.ones(B * N, B * L, dtype=torch.bool))
+    info = prop(one(gm, aten.scaled_dot_product_attention), {q: Axes(None, 2, B)})
+    assert info.out == Axes(None, 2, B) and info.mixing_inputs == []
+    assert [(e.node, e.axes) for e in info.external] == [(m, Axes(None, 0, B))]
+    # token-major flattened queries: the mask rows cannot be gathered per sample
+    refused(one(gm, aten.scaled_dot_product_attention), {q: Axes(None, 2, B, token_major=True)}, "merged-axis-op")
 
 
 def test_reshape_merges_batch_of_one_and_tokens():

@@ -101,32 +101,41 @@ def analyze_block(gm: fx.GraphModule, n_lifted: int) -> BlockAnalysis:
     except SpineError as exc:
         res.rejected = Refusal("no-stream", f"no residual stream: {exc}")
         return res
+    all_nodes = list(graph.nodes)
+    layout = {x0: _stream_axes(all_nodes, x0) for x0, _ in pairs}
+    pairs.sort(key=lambda p: -shape(p[0])[layout[p[0]].token])
+    for x0, _ in pairs:
+        if layout[x0] != Axes(0, 1):
+            res.notes.append(f"stream {x0.name} {list(shape(x0))} is sequence-first: tokens on axis "
+                             f"{layout[x0].token}, batch on axis {layout[x0].batch}")
     streams, roots = [], set()
     for x0, out in pairs:
         st = residual_adds(graph, g, x0, out)
         if not st.adds:
-            root = joint_root(g, x0)
+            root = joint_root(g, x0, layout[x0].token)
             if root is not None:
                 if root in roots:
                     continue       # the other half of a joint sequence already analysed
                 roots.add(root)
                 st = residual_adds(graph, g, root, out)
                 res.notes.append(f"stream {x0.name} is joined with other tokens at {root.name}: "
-                                 f"all {shape(root)[1]} tokens are treated alike")
+                                 f"all {shape(root)[layout[x0].token]} tokens are treated alike")
+        st.axes = layout[x0]
         streams.append(st)
     res.stream_input, res.stream_output = pairs[0]
     res.streams = streams
-    res.n_tokens = shape(streams[0].input)[1] if streams else shape(pairs[0][0])[1]
+    res.n_tokens = (shape(streams[0].input)[streams[0].axes.token] if streams
+                    else shape(pairs[0][0])[layout[pairs[0][0]].token])
     if not any(st.adds for st in streams):
         res.rejected = Refusal("no-branch", "no residual branch found on the stream")
         return res
-    all_nodes = list(graph.nodes)
+    written = _written_in_place(graph)
     for si, st in enumerate(streams):
         spine_nodes = set(st.nodes)
-        n_tokens = shape(st.input)[1]
+        n_tokens = shape(st.input)[st.axes.token]
         counts: dict[str, int] = {}
         for ra in st.adds:
-            site = _build_site(g, ra, spine_nodes, n_tokens, all_nodes, res.notes)
+            site = _build_site(g, ra, spine_nodes, n_tokens, all_nodes, res.notes, written, st.axes)
             if site is None:
                 continue
             idx = counts.get(site.kind, 0)
@@ -146,6 +155,8 @@ class _Branch:
     g: nx.DiGraph
     all_nodes: list                     # the graph's nodes in topological order
     n_tokens: int
+    written: dict = field(default_factory=dict)      # node -> the in-place write into it (not rewritten)
+    stream_axes: Axes = Axes(0, 1)                   # the stream's (batch, token) axes
     x_in: fx.Node = None                # the stream value the branch reads
     value: fx.Node = None               # F
     gate: fx.Node | None = None
@@ -158,9 +169,55 @@ class _Branch:
     full: set = field(default_factory=set)           # key/value inputs the query region reads (all tokens)
 
 
-def _build_site(g, ra, spine_nodes, n_tokens, all_nodes, notes: list) -> Site | None:
+def _written_in_place(graph: fx.Graph) -> dict:
+    """Tensors (and their views) that an in-place write ``capture.canonical`` could not make
+    functional changes after they are computed: their readers' values are not what the data flow says."""
+    from ..capture.canonical import remaining_writes
+    out: dict = {}
+    for w in remaining_writes(graph):
+        v = w.args[0]
+        while isinstance(v, fx.Node) and v.op == "call_function" and v.args and isinstance(v.args[0], fx.Node) \
+                and v not in out and getattr(v.target, "_schema", None) is not None \
+                and v.target._schema.arguments[0].alias_info is not None:
+            out[v] = w
+            v = v.args[0]
+        if isinstance(v, fx.Node):
+            out[v] = w
+    return out
+
+
+def _stream_axes(all_nodes: list, x0: fx.Node) -> Axes:
+    """The (batch, token) axes of a 3-d stream input: (B, N, C) unless reading it as (N, B, C)
+    puts its tokens on the sequence axis of more attention queries (a sequence-first block that
+    permutes to batch-first around its attention). Axes are propagated through the whole graph
+    under each reading; ops with no rule stop the propagation there."""
+    default = Axes(0, 1)
+    if len(shape(x0) or ()) != 3:
+        return default
+    best, best_hits = default, None
+    for cand in (default, Axes(1, 0)):
+        axes, hits = {x0: cand}, 0
+        for n in all_nodes:
+            if n.op != "call_function" or not any(a in axes for a in n.all_input_nodes):
+                continue
+            if is_attention(n) and isinstance(n.args[0], fx.Node) and n.args[0] in axes:
+                q = n.args[0]
+                hits += int(axes[q].token == len(shape(q)) - 2 and axes[q].batch == 0)
+            try:
+                info = propagate(n, axes)
+            except NotLocal:
+                continue
+            if info.out is not None:
+                axes[n] = info.out
+        if best_hits is None or hits > best_hits:
+            best, best_hits = cand, hits
+    return best
+
+
+def _build_site(g, ra, spine_nodes, n_tokens, all_nodes, notes: list, written: dict | None = None,
+                stream_axes: Axes = Axes(0, 1)) -> Site | None:
     """One residual add -> its site, in named steps over one branch context."""
-    br = _Branch(g, all_nodes, n_tokens)
+    br = _Branch(g, all_nodes, n_tokens, written=written or {}, stream_axes=stream_axes)
     if not _branch_nodes(br, ra, spine_nodes, notes):
         return None
     _token_axes(br)
@@ -204,7 +261,7 @@ def _branch_nodes(br: _Branch, ra, spine_nodes: set, notes: list) -> bool:
 
 def _token_axes(br: _Branch) -> None:
     """Token axes of every token-carrying node, in topological order (``failed``: why none)."""
-    br.axes = {br.x_in: Axes(0, 1)}
+    br.axes = {br.x_in: br.stream_axes}
     for n in br.order:
         if n is br.x_in:
             continue
@@ -212,6 +269,10 @@ def _token_axes(br: _Branch) -> None:
         if bad:
             br.failed[n] = br.failed.get(bad[0], Refusal("depends-on-non-local", f"depends on {bad[0].name}",
                                                          node=n.name))
+            continue
+        if n in br.written:
+            br.failed[n] = Refusal("in-place-write", f"{n.name} is written in place by {br.written[n].name} "
+                                   "(not rewritten as a functional op)", node=n.name)
             continue
         try:
             info = propagate(n, br.axes)
@@ -247,9 +308,12 @@ def _classify(br: _Branch, ra) -> Site:
     weighted = [n for n in order if n is not br.x_in and packet(n) in (aten.linear, aten.matmul, aten.conv1d, aten.addmm)]
     module = _common_module([attn] if attn is not None else (weighted or [n for n in order if n is not br.x_in]))
     site = Site(name="", kind=kind, module=module, add=ra.add, value=br.value, gate=br.gate, stream_in=br.x_in,
-                axes=br.axes.get(br.value, Axes(0, 1)), n_tokens=br.n_tokens, attention=attn)
+                axes=br.axes.get(br.value, br.stream_axes), n_tokens=br.n_tokens, attention=attn,
+                stream_axes=br.stream_axes)
     if kind == "joint_attn" and attn is not None:
         site.key_segment = _key_segment(g, attn, br.token_nodes)
+    if attn is not None:
+        site.attention_axes = tuple(br.axes.get(a) if isinstance(a, fx.Node) else None for a in attn.args[:2])
     return site
 
 

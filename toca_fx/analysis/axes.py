@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -40,6 +40,9 @@ class Axes:
     batch: int | None
     token: int
     merged: int | None = None    # the token axis is (batch x tokens) flattened, batch-major, with this batch size
+    token_major: bool = False    # with ``merged``: flattened token-major instead, (tokens x batch)
+    batch_merged: int | None = None   # the batch axis is (batch x other axes) flattened, batch-major (heads
+                                      # folded into the batch, as nn.MultiheadAttention does), this batch size
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def _broadcast(node: fx.Node, axes: dict, inputs: list) -> AxisInfo:
         if isinstance(a, fx.Node) and a in axes:
             ax = axes[a]
             off = out_nd - len(shape(a))
-            cand = Axes(None if ax.batch is None else ax.batch + off, ax.token + off, ax.merged)
+            cand = replace(ax, batch=None if ax.batch is None else ax.batch + off, token=ax.token + off)
             if result is None:
                 result = cand
             elif cand.token != result.token:
@@ -166,6 +169,61 @@ def _identity(node, axes):
         return AxisInfo(ax)
     info = _broadcast(node, axes, [a])
     return info
+
+
+@rule(aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like)
+def _like(node, axes):
+    """A tensor shaped like its input (its values do not depend on it): the input's axes. Random
+    ``*_like`` factories are left out (a k-token copy would draw different numbers)."""
+    a, ax = _single_input(node, axes)
+    if shape(node) != shape(a):
+        raise NotLocal(node, "no-shape", "output is not shaped like the input")
+    return AxisInfo(ax)
+
+
+@rule(aten.copy)
+def _copy(node, axes):
+    """The functional ``copy`` (``canonical.py``'s form of ``view.copy_(src)``): src broadcast to self."""
+    return _broadcast(node, axes, list(node.args[:2]))
+
+
+@rule(aten.slice_scatter)
+def _slice_scatter(node, axes):
+    """``src`` written into a slice of ``self`` (a functional ``view.copy_``): local unless the
+    slice runs along the token or batch axis."""
+    nd = _out_ndim(node)
+    d = _norm(_arg(node, "dim", 0), nd)
+    info = _broadcast(node, axes, list(node.args[:2]))
+    if info.out is not None and d in (info.out.token, info.out.batch):
+        raise NotLocal(node, "slices-token-axis", "scatters into a slice of the token or batch axis")
+    return info
+
+
+@rule(aten.select_scatter)
+def _select_scatter(node, axes):
+    """``src`` written into ``self.select(dim, index)``: src has no ``dim`` axis."""
+    base, src = node.args[0], node.args[1]
+    nd = _out_ndim(node)
+    d = _norm(_arg(node, "dim"), nd)
+    up = lambda x: None if x is None else (x + 1 if x >= d else x)
+    cands = []
+    if isinstance(base, fx.Node) and base in axes:
+        cands.append(axes[base])
+    if isinstance(src, fx.Node) and src in axes:
+        cands.append(Axes(up(axes[src].batch), up(axes[src].token), axes[src].merged))
+    if not cands:
+        return AxisInfo(None)
+    if any(c.token != cands[0].token for c in cands):
+        raise NotLocal(node, "token-axes-differ", "inputs carry tokens on different axes")
+    out = next((c for c in cands if c.batch is not None), cands[0])
+    if d in (out.token, out.batch):
+        raise NotLocal(node, "slices-token-axis", "scatters into the token or batch axis")
+    if len(cands) == 1:
+        other = src if base in axes else base
+        if isinstance(other, fx.Node) and isinstance(val(other), torch.Tensor):
+            raise NotLocal(node, "per-token-input", f"{other.name} is written into a token-carrying tensor or "
+                           "the other way round, and carries no token axis of its own")
+    return AxisInfo(out)
 
 
 @rule(aten.linear)
@@ -253,16 +311,32 @@ def _reshape(node, axes):
     a, ax = _single_input(node, axes)
     ins, outs = shape(a), shape(node)
     if ax.merged is not None:
-        # (B*N, ...) -> (..., B, N, ...): split the merged axis back into batch and tokens
+        # (B*N, ...) -> (..., B, N, ...) (or (N*B, ...) -> (..., N, B, ...)): split the merged axis back
         pre = math.prod(ins[:ax.token])
         for j in range(len(outs) - 1):
-            if (outs[j] == ax.merged and outs[j] * outs[j + 1] == ins[ax.token]
-                    and math.prod(outs[:j]) == pre):
-                return AxisInfo(Axes(j, j + 1))
+            if outs[j] * outs[j + 1] == ins[ax.token] and math.prod(outs[:j]) == pre:
+                if not ax.token_major and outs[j] == ax.merged:
+                    return AxisInfo(Axes(j, j + 1))
+                if ax.token_major and outs[j + 1] == ax.merged:
+                    return AxisInfo(Axes(j + 1, j))
         t = _map_through_reshape(ins, outs, ax.token)
         if t is None:
             raise NotLocal(node, "reshapes-merged-axis", f"reshape of a flattened batch x token axis ({list(ins)} -> {list(outs)})")
-        return AxisInfo(Axes(None, t, ax.merged))
+        return AxisInfo(replace(ax, token=t))
+    if ax.batch_merged is not None:
+        # the batch axis holds (B x heads): the tokens map through; the batch axis is split back
+        # (its outermost factor B becomes an axis of its own) or kept whole
+        t = _map_through_reshape(ins, outs, ax.token)
+        if t is None:
+            raise NotLocal(node, "reshapes-token-axis", f"reshape merges or splits the token axis ({list(ins)} -> {list(outs)})")
+        pre = math.prod(ins[:ax.batch])
+        for j in range(len(outs)):
+            if j != t and math.prod(outs[:j]) == pre and outs[j] == ax.batch_merged:
+                return AxisInfo(Axes(j, t))
+        for j in range(len(outs)):
+            if j != t and math.prod(outs[:j]) == pre and outs[j] == ins[ax.batch]:
+                return AxisInfo(Axes(j, t, batch_merged=ax.batch_merged))
+        raise NotLocal(node, "reshapes-batch-axis", f"reshape splits a flattened batch x heads axis ({list(ins)} -> {list(outs)})")
     if ax.batch is not None and ax.batch == ax.token - 1 and (
             _map_through_reshape(ins, outs, ax.token) is None or _map_through_reshape(ins, outs, ax.batch) is None):
         # (B, N, ...) -> (B*N, ...): batch and tokens flattened together (GPT-2's Conv1D). With
@@ -272,12 +346,25 @@ def _reshape(node, axes):
             if outs[j] == ins[ax.batch] * ins[ax.token] and math.prod(outs[:j]) == pre:
                 return AxisInfo(Axes(None, j, ins[ax.batch]))
     t = _map_through_reshape(ins, outs, ax.token)
+    if ax.batch is not None and ax.batch == ax.token + 1 and (t is None or _map_through_reshape(ins, outs, ax.batch) is None):
+        # (N, B, ...) -> (N*B, ...): tokens and batch flattened token-major (sequence-first layouts,
+        # nn.MultiheadAttention's output projection)
+        pre = math.prod(ins[:ax.token])
+        for j in range(len(outs)):
+            if outs[j] == ins[ax.batch] * ins[ax.token] and math.prod(outs[:j]) == pre:
+                return AxisInfo(Axes(None, j, ins[ax.batch], token_major=True))
     if t is None:
         raise NotLocal(node, "reshapes-token-axis", f"reshape merges or splits the token axis ({list(ins)} -> {list(outs)})")
     b = None
     if ax.batch is not None:
         b = _map_through_reshape(ins, outs, ax.batch)
         if b is None:
+            # (..., B, C, ...) -> (..., B*H, d, ...): the batch flattened with the axes after it,
+            # batch-major (heads folded into the batch), the tokens untouched
+            pre = math.prod(ins[:ax.batch])
+            for j in range(len(outs)):
+                if j != t and math.prod(outs[:j]) == pre and outs[j] % ins[ax.batch] == 0 and outs[j] > ins[ax.batch]:
+                    return AxisInfo(Axes(j, t, batch_merged=ins[ax.batch]))
             raise NotLocal(node, "reshapes-batch-axis", f"reshape merges the batch axis ({list(ins)} -> {list(outs)})")
     return AxisInfo(Axes(b, t))
 
@@ -288,7 +375,7 @@ def _transpose(node, axes):
     nd = len(shape(a))
     d0, d1 = _norm(node.args[1], nd), _norm(node.args[2], nd)
     sw = lambda x: None if x is None else (d1 if x == d0 else d0 if x == d1 else x)
-    return AxisInfo(Axes(sw(ax.batch), sw(ax.token)))
+    return AxisInfo(replace(ax, batch=sw(ax.batch), token=sw(ax.token)))
 
 
 @rule(aten.permute)
@@ -297,7 +384,7 @@ def _permute(node, axes):
     nd = len(shape(a))
     perm = [_norm(d, nd) for d in node.args[1]]
     inv = lambda x: None if x is None else perm.index(x)
-    return AxisInfo(Axes(inv(ax.batch), inv(ax.token)))
+    return AxisInfo(replace(ax, batch=inv(ax.batch), token=inv(ax.token)))
 
 
 @rule(aten.unsqueeze)
@@ -305,7 +392,7 @@ def _unsqueeze(node, axes):
     a, ax = _single_input(node, axes)
     d = _norm(node.args[1], len(shape(a)) + 1)
     sh = lambda x: None if x is None else (x + 1 if x >= d else x)
-    return AxisInfo(Axes(sh(ax.batch), sh(ax.token)))
+    return AxisInfo(replace(ax, batch=sh(ax.batch), token=sh(ax.token)))
 
 
 @rule(aten.squeeze)
@@ -416,6 +503,15 @@ def _sdpa(node, axes):
         off = nd - len(ms)
         dq = nd - 2 - off
         if 0 <= dq < len(ms) and ms[dq] != 1:
+            if qa.merged is not None and qa.token_major:
+                raise NotLocal(node, "merged-axis-op", "per-query mask on token-major flattened queries")
+            if qa.merged is not None:
+                # queries of all samples as one sequence (batch x tokens, batch-major): the mask's rows
+                # are flattened the same way (a block-diagonal mask keeps each sample to its own keys)
+                if ms[dq] != shape(q)[nd - 2]:
+                    raise NotLocal(node, "token-size-mismatch", f"mask {mask.name} has {ms[dq]} query rows")
+                info.external.append(External(mask, Axes(None, dq, qa.merged), nd, None))
+                return info
             db = -off if 0 <= -off < len(ms) and ms[-off] == shape(q)[0] else None
             info.external.append(External(mask, Axes(db, dq), nd, qa.batch))
     return info
@@ -449,7 +545,18 @@ def _getitem(node, axes):
 
 _MERGED_OK = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.addmm, aten.mm,
               aten.linear, aten.dropout, aten.clone, aten.contiguous, aten.to, aten._to_copy, aten.alias,
-              aten.detach, aten.type_as, aten.native_dropout}
+              aten.detach, aten.type_as, aten.native_dropout, aten.empty_like, aten.zeros_like, aten.ones_like,
+              aten.full_like,
+              # these move the flattened axis whole (their rules keep ``merged``); attention is local in
+              # its flattened queries: each query row still attends over the whole key axis
+              aten.transpose, aten.permute, aten.unsqueeze, aten.scaled_dot_product_attention,
+              aten._scaled_dot_product_flash_attention_for_cpu, operator.getitem}
+
+# ops a batch axis flattened with heads passes through (their rules keep ``batch_merged``; reshapes
+# split it back): layout moves only, no arithmetic that would have to know which rows are one sample
+_BATCH_MERGED_OK = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.transpose,
+                    aten.permute, aten.unsqueeze, aten.clone, aten.contiguous, aten.alias, aten.detach,
+                    aten.dropout, aten.native_dropout, aten.to, aten._to_copy, operator.getitem}
 
 
 def propagate(node: fx.Node, axes: dict) -> AxisInfo:
@@ -458,6 +565,8 @@ def propagate(node: fx.Node, axes: dict) -> AxisInfo:
         raise NotLocal(node, "not-a-call", f"{node.op} nodes are not analysed")
     p = packet(node)
     tags = getattr(node.target, "tags", ())
+    if any(axes[a].batch_merged is not None for a in node.all_input_nodes if a in axes) and p not in _BATCH_MERGED_OK:
+        raise NotLocal(node, "batch-merged-op", f"{getattr(p, '__name__', p)} on a flattened batch x heads axis")
     if any(axes[a].merged is not None for a in node.all_input_nodes if a in axes) and p not in _MERGED_OK \
             and torch.Tag.pointwise not in tags:
         raise NotLocal(node, "merged-axis-op", f"{getattr(p, '__name__', p)} on a flattened batch x token axis")

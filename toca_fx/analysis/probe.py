@@ -46,7 +46,7 @@ def probe_site(gm: fx.GraphModule, inputs: list, site: Site, baseline: dict) -> 
         x = x.clone()
         scale = x.abs().mean().clamp_min(1e-3)
         idx = [slice(None)] * x.dim()
-        idx[0], idx[1] = 0, j
+        idx[site.stream_axes.batch], idx[site.stream_axes.token] = 0, j
         x[tuple(idx)] += scale * torch.randn_like(x[tuple(idx)])
         return x
 

@@ -15,6 +15,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from .axes import Axes
 from .graph import shape, val
 
 aten = torch.ops.aten
@@ -39,6 +40,7 @@ class Stream:
     root: fx.Node          # first stream value the residual adds build on (the input, usually)
     adds: list
     nodes: set             # every stream value: input, root, residual adds and their casts/copies
+    axes: Axes = Axes(0, 1)   # (batch, token) axes of the stream's values: (B, N, C), or (N, B, C) sequence-first
 
 
 class SpineError(Exception):
@@ -126,7 +128,7 @@ def residual_adds(graph: fx.Graph, g: nx.DiGraph, x0: fx.Node, out: fx.Node) -> 
     return Stream(input=x0, output=out, root=root, adds=adds, nodes=stream)
 
 
-def joint_root(g: nx.DiGraph, x0: fx.Node) -> fx.Node | None:
+def joint_root(g: nx.DiGraph, x0: fx.Node, token_axis: int = 1) -> fx.Node | None:
     """The concatenation of this stream with other tokens, when the block joins them itself.
 
     Some single-stream blocks take text and image separately, concatenate them on the token axis
@@ -146,6 +148,6 @@ def joint_root(g: nx.DiGraph, x0: fx.Node) -> fx.Node | None:
                 frontier.append(u)
             elif getattr(u.target, "overloadpacket", None) is aten.cat and shape(u) is not None and len(shape(u)) == 3:
                 d = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
-                if d % 3 == 1:
+                if d % 3 == token_axis:
                     return u
     return None

@@ -58,6 +58,8 @@ class Site:
     stream: int = 0                   # index of the token stream (0: the one with most tokens)
     attention: fx.Node | None = None  # the attention op of the branch (SDPA), if any
     key_segment: tuple | None = None  # joint attention: (offset, length) of this stream on the key axis
+    attention_axes: tuple = (None, None)  # stream axes of the attention's (query, key) inputs (None: unknown)
+    stream_axes: Axes = Axes(0, 1)    # batch/token axes of the stream value the branch reads (stream_in)
     refusal: Refusal | None = None    # why not cached / not token-local (None: cached and token-local)
     cacheable: bool = True            # F may be reused from the cache
     local: bool = False               # F may be computed on a subset of tokens
@@ -101,4 +103,10 @@ class BlockAnalysis:
         raise KeyError(name)
 
     def stream_tokens(self, stream: int) -> int:
-        return int(self.streams[stream].input.meta["val"].shape[1])
+        st = self.streams[stream]
+        return int(st.input.meta["val"].shape[st.axes.token])
+
+    def stream_batch(self, stream: int = 0) -> int:
+        """The batch size of a stream (axis 0 of a (B, N, C) stream, axis 1 of a sequence-first one)."""
+        st = self.streams[stream]
+        return int(st.input.meta["val"].shape[st.axes.batch])

@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
+from .canonical import canonicalize
+
 
 def _leaf_key(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
@@ -226,8 +228,7 @@ def capture_block(block: nn.Module, args: tuple, kwargs: dict, call_original) ->
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERT_OPS and not node.users:
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
+    canonicalize(gm)   # type_as -> to.dtype, in-place writes into views of intermediates made functional
     constants = dict(ep.constants)
     return Capture(gm=gm, lifted=lifted, constants=constants, in_spec=ep.call_spec.in_spec,
                    out_spec=ep.call_spec.out_spec, num_user_inputs=user, method="torch.export",

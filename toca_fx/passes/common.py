@@ -37,6 +37,9 @@ class GraphBuilder:
     """A copy of a captured graph with helpers to add inputs, outputs and token gathers."""
 
     def __init__(self, src: fx.Graph):
+        # submodules and attributes the graph reads with get_attr (higher-order ops' bodies, e.g.
+        # torch.export's ``wrap_with_autocast`` regions) stay reachable from the variant's module
+        self.root = src.owning_module if src.owning_module is not None else torch.nn.Module()
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.outputs: list = []
@@ -106,7 +109,14 @@ class GraphBuilder:
 
         A batch-less table (RoPE's (N, d)) is viewed with the op's rank and expanded to one row per
         sample first, so the per-sample gather gives a (B, ..., k, ...) tensor that broadcasts.
+        A table whose token axis is batch x tokens flattened batch-major (the rows of a block-diagonal
+        mask over all samples' queries) is split into (B, N), gathered per sample and flattened back.
         """
+        if ext.axes.merged is not None:
+            t, nb, s = ext.axes.token, ext.axes.merged, list(x_shape)
+            split = s[:t] + [nb, s[t] // nb] + s[t + 1:]
+            g = self.gather_tokens(self.call(aten.reshape.default, x, split), idx, k, Axes(t, t + 1), tuple(split))
+            return self.call(aten.reshape.default, g, s[:t] + [self.call(operator.mul, k, nb)] + s[t + 1:])
         if ext.axes.batch is not None:
             return self.gather_tokens(x, idx, k, ext.axes, x_shape)
         off = ext.out_ndim - len(x_shape)
@@ -133,7 +143,7 @@ class GraphBuilder:
         eliminate_dead_code(self.graph)
         self.bump("nodes_removed", before - len(self.graph.nodes))
         self.graph.lint()
-        gm = fx.GraphModule(torch.nn.Module(), self.graph, class_name=name)
+        gm = fx.GraphModule(self.root, self.graph, class_name=name)
         phs = [self._inputs_by_slot[s] for s in self.inputs]
         mutated = tuple(i for i, ph in enumerate(phs) if any(_writes_to(u, ph) for u in ph.users))
         return VariantGraph(name=name, gm=gm, actions=dict(actions), inputs=tuple(self.inputs),

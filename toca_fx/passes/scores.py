@@ -51,11 +51,19 @@ def attention_probs(b: GraphBuilder, attn: fx.Node) -> tuple[fx.Node, list[int]]
     """softmax(QK^T * scale + mask) of an SDPA node, as ATen nodes; and the head axes."""
     q, k, v, mask, scale = _sdpa_parts(attn)
     qs, ks = shape(q), shape(k)
-    if qs is None or ks is None or len(qs) != len(ks) or qs[:-2] != ks[:-2]:
-        return None   # grouped-query or broadcast layouts: no score side-output
+    if qs is None or ks is None or len(qs) != len(ks) or len(qs) < 3:
+        return None   # broadcast layouts: no score side-output
+    nq, nk = b.env[q], b.env[k]
+    if qs[:-2] != ks[:-2]:
+        # grouped-query attention (SDPA's enable_gqa): key head j serves query heads
+        # j*g .. j*g+g-1, so the keys are repeated g times on the head axis, as SDPA does
+        hq, hk = qs[-3], ks[-3]
+        if qs[:-3] != ks[:-3] or hk == 0 or hq % hk:
+            return None
+        nk = b.call(aten.repeat_interleave.self_int, nk, hq // hk, -3)
+        b.bump("gqa_repeats")
     if scale is None:
         scale = 1.0 / math.sqrt(qs[-1])
-    nq, nk = b.env[q], b.env[k]
     s = b.call(aten.matmul.default, nq, b.call(aten.transpose.int, nk, -2, -1))
     s = b.call(aten.mul.Tensor, s, float(scale))
     if isinstance(mask, fx.Node):
@@ -70,6 +78,16 @@ def attention_probs(b: GraphBuilder, attn: fx.Node) -> tuple[fx.Node, list[int]]
     return p, heads
 
 
+def _stream_rows(b: GraphBuilder, node: fx.Node, site: Site, which: int, rest=()) -> fx.Node:
+    """(1, B*N, *rest) -> (B, N, *rest) when the attention's query (which=0) or key (1) token axis is
+    the batch and tokens flattened batch-major (queries of all samples as one sequence); else ``node``."""
+    ax = site.attention_axes[which]
+    if ax is None or ax.merged is None:
+        return node
+    x = site.attention.args[which]
+    return b.call(aten.reshape.default, node, [ax.merged, shape(x)[-2] // ax.merged] + list(rest))
+
+
 def _received_attention(b: GraphBuilder, site: Site) -> fx.Node | None:
     """s1 ingredient: head-mean attention received by each key token, summed over queries (B, N).
     For a joint attention only this stream's segment of the key axis is kept."""
@@ -79,7 +97,7 @@ def _received_attention(b: GraphBuilder, site: Site) -> fx.Node | None:
     p, heads = got
     n_heads = math.prod(shape(site.attention.args[0])[h] for h in heads) if heads else 1
     col = b.call(aten.sum.dim_IntList, p, heads + [len(heads) + 1], False)
-    col = b.call(aten.div.Tensor, col, float(n_heads))
+    col = _stream_rows(b, b.call(aten.div.Tensor, col, float(n_heads)), site, 1)
     if site.key_segment is not None:
         off, n = site.key_segment
         col = b.call(aten.slice.Tensor, col, 1, off, off + n)
@@ -92,7 +110,8 @@ def _cross_map(b: GraphBuilder, site: Site) -> fx.Node | None:
     if got is None:
         return None
     p, heads = got
-    return b.call(aten.mean.dim, p, heads, False) if heads else p
+    cmap = b.call(aten.mean.dim, p, heads, False) if heads else p
+    return _stream_rows(b, cmap, site, 0, [shape(site.attention.args[1])[-2]])
 
 
 def _norm_of(which: str):
@@ -102,7 +121,7 @@ def _norm_of(which: str):
         x = k if which == "k" else v
         xs = shape(x)
         dims = [d for d in range(1, len(xs)) if d != len(xs) - 2]
-        nrm = b.call(aten.linalg_vector_norm.default, b.env[x], 2, dims, False)
+        nrm = _stream_rows(b, b.call(aten.linalg_vector_norm.default, b.env[x], 2, dims, False), site, 1)
         if site.key_segment is not None:
             off, n = site.key_segment
             nrm = b.call(aten.slice.Tensor, nrm, 1, off, off + n)
@@ -142,29 +161,30 @@ class Ingredient:
     name: str
     add: Callable[[GraphBuilder, Site], fx.Node | None]    # the side output (None: layout unsupported)
     finish: Callable[[torch.Tensor, bool], torch.Tensor]   # (value, CFG halves paired) -> (B, N)
+    rows: int = 1                  # the attention input whose token axis indexes the score: 0 queries, 1 keys
 
 
 INGREDIENTS: dict[str, Ingredient] = {
     i.name: i for i in (
         Ingredient("received", _received_attention, received_attention),
-        Ingredient("cross_map", _cross_map, cross_entropy_score),
+        Ingredient("cross_map", _cross_map, cross_entropy_score, rows=0),
         Ingredient("knorm", _norm_of("k"), norm_score),
         Ingredient("vnorm", _norm_of("v"), norm_score),
     )}
 
 
-def _attention_sites(analysis: BlockAnalysis) -> dict[str, Site]:
+def _attention_sites(analysis: BlockAnalysis, skip=()) -> dict[str, Site]:
     by_kind: dict[str, Site] = {}
     for s in analysis.sites:
-        if s.attention is not None and s.stream == 0:
+        if s.attention is not None and s.stream == 0 and s.name not in skip:
             by_kind.setdefault(s.kind, s)
     return by_kind
 
 
-def _toca_source(analysis: BlockAnalysis):
+def _toca_source(analysis: BlockAnalysis, skip=()):
     """s2 from the first cross-attention; else s1 from self-attention, a parallel block or this
     stream's segment of a joint attention."""
-    by_kind = _attention_sites(analysis)
+    by_kind = _attention_sites(analysis, skip)
     if "cross_attn" in by_kind:
         return INGREDIENTS["cross_map"], by_kind["cross_attn"]
     for kind in ("self_attn", "parallel"):
@@ -176,8 +196,8 @@ def _toca_source(analysis: BlockAnalysis):
 
 
 def _norm_source(which: str):
-    def source(analysis: BlockAnalysis):
-        by_kind = _attention_sites(analysis)
+    def source(analysis: BlockAnalysis, skip=()):
+        by_kind = _attention_sites(analysis, skip)
         src = by_kind.get("self_attn") or by_kind.get("parallel") or by_kind.get("joint_attn")
         if src is not None and (src.kind == "self_attn" or src.key_segment is not None):
             return INGREDIENTS[which + "norm"], src
@@ -190,7 +210,7 @@ class Score:
     """One value of ``ToCaConfig.score``."""
 
     name: str
-    source: Callable[[BlockAnalysis], tuple | None] | None = None   # (Ingredient, Site) or None
+    source: Callable[..., tuple | None] | None = None   # (analysis, skip: site names) -> (Ingredient, Site) or None
     spatial: bool = False          # s4 (ToCa's spatial bonus) is added on partial steps
     random: bool = False           # the base score is drawn per partial call
     in_graph: bool = False         # computed by the technique inside the partial graph
@@ -223,15 +243,74 @@ class ScorePlan:
     refusal: Refusal | None = None  # why the configured score fell back to staleness only
 
 
+def layout_refusal(ingredient: Ingredient, site: Site, analysis: BlockAnalysis) -> Refusal | None:
+    """Why the ingredient's rows are not the stream's (B, N) tokens (None: they are). The rows come
+    from the attention's queries (``rows=0``) or keys (1): their stream axes when the analysis knows
+    them (batch first and tokens on the sequence axis, or batch x tokens flattened batch-major with a
+    leading axis of 1), else their shape."""
+    x = site.attention.args[ingredient.rows]
+    ax = site.attention_axes[ingredient.rows]
+    xs = shape(x) if isinstance(x, fx.Node) else None
+    b, n = analysis.stream_batch(site.stream), analysis.stream_tokens(site.stream)
+    what = "queries" if ingredient.rows == 0 else "keys"
+    if xs is None or len(xs) < 3:
+        return Refusal("score-layout", f"{ingredient.name} of {site.name}: the {what} have no (batch, heads, tokens, "
+                       "dim) layout", stage="score", node=site.attention.name)
+    seq = xs[-2]
+    if ax is not None:
+        if ax.token != len(xs) - 2:
+            why = f"the stream's tokens are on axis {ax.token} of the {what} {list(xs)}, not their sequence axis"
+        elif ax.merged is not None:
+            if ax.token_major:
+                why = f"the {what} {list(xs)} flatten tokens and batch token-major"
+            elif xs[0] != 1:
+                why = f"the {what} {list(xs)} flatten batch and tokens under a leading axis of {xs[0]}"
+            elif ax.merged != b:
+                why = f"the {what} flatten a batch of {ax.merged}, the stream's is {b}"
+            else:
+                why, seq = None, seq // ax.merged
+        elif ax.batch != 0:
+            why = f"the {what} {list(xs)} carry the batch on axis {ax.batch}, not axis 0"
+        else:
+            why = None
+        if why is None and site.key_segment is None and seq != n:
+            why = f"the {what} carry {seq} tokens, the stream {n}"
+    elif xs[0] != b:
+        why = f"the {what} {list(xs)} lead with {xs[0]}, not the stream's batch of {b}"
+    elif site.key_segment is None and seq != n:
+        why = f"the {what} {list(xs)} carry {seq} tokens on their sequence axis, the stream {n}"
+    else:
+        why = None
+    if why is None:
+        return None
+    return Refusal("score-layout", f"{ingredient.name} of {site.name} dropped: {why}", stage="score",
+                   node=site.attention.name)
+
+
 def resolve_score(name: str, analysis: BlockAnalysis, spatial_bonus: float | None = None,
                   spatial_grid: int | None = None) -> ScorePlan:
+    """The score plan; a source whose attention map does not index the stream's (B, N) tokens
+    (``layout_refusal``) is dropped with its reason, and the next candidate source is tried."""
     score = SCORES[name]
-    got = score.source(analysis) if score.source is not None else None
+    dropped: list[Refusal] = []
+    got = None
+    if score.source is not None:
+        skip: set[str] = set()
+        while (got := score.source(analysis, frozenset(skip))):
+            why = layout_refusal(got[0], got[1], analysis)
+            if why is None:
+                break
+            dropped.append(why)
+            skip.add(got[1].name)
     ingredient, site = got if got else (None, None)
     refusal = None
     if score.source is not None and got is None:
         refusal = Refusal("score-needs-attention", f"score {name!r} needs an attention this block lacks: "
                           "staleness only", stage="score")
+    if dropped:
+        rest = f"s from {ingredient.name} of {site.name}" if ingredient is not None else " staleness only"
+        refusal = Refusal("score-layout", f"score {name!r}: " + "; ".join(r.message for r in dropped)
+                          + f"; score{rest}", stage="score", node=dropped[0].node)
     has_cross = any(s.kind == "cross_attn" for s in analysis.sites)
     bonus, grid = SPATIAL_DEFAULTS[has_cross]
     bonus = spatial_bonus if spatial_bonus is not None else bonus
