@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import toca_fx
+from conftest import rel_err
 from research_models import MHAModel, TinyPixArtAlpha, TinyViT, ViTBlock, ViTMlp
 from toca_fx.capture.discover import find_block_lists
 
@@ -24,10 +25,6 @@ PARTIAL = dict(interval=3, fresh_ratio=0.3, ratio_schedule="constant", self_atte
 
 def _g(step):
     return torch.Generator().manual_seed(step)
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def _vit():
@@ -66,7 +63,7 @@ def _run(model, inputs, steps, reference=None):
             args, kw = inputs(s)
             out = model(*args, **kw)
             if reference is not None:
-                assert _rel(out, reference(*args, **kw)) <= 1e-5, s
+                assert rel_err(out, reference(*args, **kw)) <= 1e-5, s
             outs.append(out)
     return outs
 
@@ -210,7 +207,7 @@ def test_merged_batch_model_caches_like_the_per_sample_model():
         toca_fx.transform(m, toca_fx.ToCaConfig.preset("toca-pixart"), interval=2)
         outs.append(_run(m, inputs, 5))
     for a, b in zip(*outs):
-        assert _rel(a, b) <= 1e-4
+        assert rel_err(a, b) <= 1e-4
     scores = [toca_fx.explain(m).programs[0] for m in (merged, per_sample)]
     assert all(p.score.ingredient.name == "cross_map" for p in scores)
     sm, sp = (m.get_submodule("_toca_fx_state.blocks__0.branch_0").score for m in (merged, per_sample))

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import toca_fx
-from conftest import programs
+from conftest import programs, rel_err
 from toca_fx.passes.bindings import Buffer, StateInput, TokenCount
 from zoo import ZOO
 
@@ -47,10 +47,6 @@ def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 @pytest.fixture(scope="module", params=sorted(ZOO))
 def zoo_model(request):
     model, inputs = ZOO[request.param]()
@@ -64,7 +60,7 @@ def test_exact_over_consecutive_calls(zoo_model, overrides):
     toca_fx.transform(m, **overrides)
     with torch.no_grad():
         for step in range(3):
-            assert _rel(_out(m(**inputs(step))), _out(model(**inputs(step)))) <= 1e-5, (name, step)
+            assert rel_err(_out(m(**inputs(step))), _out(model(**inputs(step)))) <= 1e-5, (name, step)
     st = toca_fx.stats(m)
     if overrides.get("interval") == 2:
         assert st.calls == {"fresh": 2, "partial": 1}
@@ -143,7 +139,7 @@ def test_parallel_block_recomputes_mlp_half_with_cached_attention_rows():
         m(**inputs(0))
         out = _out(m(**inputs(0)))
         ref = _out(model(**inputs(0)))
-    assert _rel(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
     (e,) = [e for e in toca_fx.explain(m).programs if e.cls_name == "FluxSingleTransformerBlock"]
     (site,) = e.sites
     assert site.kind == "parallel" and len(site.parallel.attn_values) == 1

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import toca_fx
+from conftest import rel_err
 from toca_fx.capture.canonical import canonicalize
 from toca_fx.passes.bindings import ScoreOutput
 from toca_fx.passes.common import GraphBuilder
@@ -38,10 +39,6 @@ def _out(o):
     return torch.stack(list(o)) if isinstance(o, list) else o
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 @pytest.fixture(scope="module", params=sorted(ZOO_MORE))
 def model(request):
     m, inputs = ZOO_MORE[request.param]()
@@ -54,7 +51,7 @@ def _run(model, inputs, steps, **config):
     errs = []
     with torch.no_grad():
         for step in range(steps):
-            errs.append(_rel(_out(m(**inputs(step))), _out(model(**inputs(step)))))
+            errs.append(rel_err(_out(m(**inputs(step))), _out(model(**inputs(step)))))
     return m, errs
 
 
@@ -125,11 +122,14 @@ def test_sequence_first_stream_is_read_on_axis_0():
     assert toca_fx.stats(m).calls == {"fresh": 1, "partial": 2}
 
 
-def test_sequence_first_random_score_falls_back_cleanly():
+def test_sequence_first_random_score_is_drawn_per_sample():
+    """The per-call random score is (batch, tokens) of the stream's own axes (batch on axis 1)."""
     model, inputs = ZOO_MORE["ernie-image"]()
     m, _ = _run(model.eval(), inputs, 3, score="random", **PARTIAL)
     (e,) = toca_fx.explain(m).programs
-    assert e.score.score.name == "staleness" and any("sequence-first" in n for n in e.notes)
+    assert e.score.score.name == "random" and toca_fx.stats(m).calls["partial"] > 0
+    _, errs = _run(model.eval(), inputs, 3, **{**EXACT, "score": "random"})
+    assert max(errs) <= 1e-5
 
 
 def test_in_place_writes_into_views_become_functional():

@@ -29,7 +29,6 @@ from .config import ToCaConfig
 from .errors import Refusal
 from .flops import spec_of
 from .passes import build_fresh, resolve_score, site_state
-from .passes.scores import SCORES
 from .program import BlockProgram, count
 
 log = logging.getLogger("toca_fx")
@@ -92,14 +91,6 @@ def _analyse(program: BlockProgram, block, config: ToCaConfig) -> None:
     with rec.stage("score") as r:
         # fresh_ratio 0 selects no token on any call: a score would be computed for nothing
         name = config.score if config.fresh_ratio > 0 else "staleness"
-        if SCORES[name].random and res.streams and res.streams[0].axes.batch not in (None, 0):
-            # the runtime draws the per-call score as (axis 0 of the stream input, N)
-            why = Refusal("score-layout", f"score {name!r}: the stream is sequence-first (batch on axis "
-                          f"{res.streams[0].axes.batch}), a per-call draw is not supported there: staleness only",
-                          stage="score")
-            program.notes.append(why.message)
-            r.refusals.append(why)
-            name = "staleness"
         program.score = resolve_score(name, res, config.spatial_bonus, config.spatial_grid)
         if program.score.refusal is not None:
             program.notes.append(program.score.refusal.message)

@@ -90,6 +90,13 @@ class BlockProgram:
         return self.recorder.records
 
     @property
+    def batch(self) -> int:
+        """The batch size of the stream input (its batch axis: 0, or 1 for a sequence-first stream)."""
+        if self.analysis is not None and self.analysis.streams:
+            return self.analysis.stream_batch(0)
+        return int(self.capture.example_inputs[self.stream_index].shape[0])
+
+    @property
     def cache_dtype(self) -> torch.dtype | None:
         return getattr(torch, self.config.cache_dtype) if self.config.cache_dtype else None
 
@@ -127,7 +134,7 @@ class BlockProgram:
     def extra_input_specs(self, v: VariantGraph, ks: dict[str, int]) -> list:
         """TensorSpecs / ints of the inputs a variant takes beyond the block's own (for FLOP counting)."""
         x = self.capture.example_inputs[self.stream_index]
-        b = self.analysis.stream_batch(0) if self.analysis.streams else x.shape[0]
+        b = self.batch
         specs = {s.buffer: s for site in self.state.values() for s in site}
         out = []
         for slot in v.inputs:

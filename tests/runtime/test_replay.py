@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import toca_fx
-from tests.conftest import make_dit, make_pixart, rel_err, sample_dit, sample_pixart
+from conftest import make_dit, make_pixart, rel_err, sample_dit, sample_pixart
 
 
 def _generation(model, sampler, steps, handle=None):
@@ -133,7 +133,7 @@ def test_separate_cfg_calls_are_decided_ahead_per_branch(context):
     """CFG as two calls per step: the branch of a call decided ahead comes from diffusers' cache
     context (set before the call, outside the graph) or from the calls per step the eager
     generation learned."""
-    from tests.runtime.test_controller_and_state import _separate_cfg
+    from test_controller_and_state import _separate_cfg
 
     def make(**kw):
         m = make_dit(**kw)
@@ -172,7 +172,7 @@ def test_weights_changed_between_compiled_generations_are_what_runs():
 
 
 def test_a_diffusers_pipeline_with_a_compiled_transformer():
-    from tests.test_pipelines import _dit_pipe, _run_dit
+    from test_pipelines import _dit_pipe, _run_dit
 
     pipe = _dit_pipe()
     reference_pipe = copy.deepcopy(pipe)

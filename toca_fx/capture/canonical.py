@@ -134,8 +134,6 @@ def _functionalize_view_writes(graph: fx.Graph) -> int:
                 up = graph.call_function(_SCATTER[view.target], (tgt, last) + tuple(view.args[1:]))
             up.meta = dict(tgt.meta)
             last = up
-        if not chain:
-            last = new
         # readers after the write read the new value: of the base, and of the write's own result
         for user in list(base.users):
             if user is not node and order.get(user, -1) > at and user not in chain:

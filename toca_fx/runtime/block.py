@@ -50,7 +50,7 @@ class _Binding:
         """The stream's base score: drawn per call ("random"), the last fresh step's (stream 0), or zeros."""
         if self.program.score.score.random:
             n = self.program.analysis.stream_tokens(stream)
-            return torch.rand(self.x.shape[0], n, generator=self.rt.generator(self.x.device), device=self.x.device)
+            return torch.rand(self.program.batch, n, generator=self.rt.generator(self.x.device), device=self.x.device)
         return self.st.score_of(stream)
 
     def step_value(self) -> torch.Tensor:
@@ -345,11 +345,7 @@ class BlockRuntime:
         st = entry.branch_states.get(call.branch)
         if st is None or st is not self.states.get(call.branch) or not (call.fresh or st.ready):
             return False
-        pk = (call.branch, True) if call.fresh else (
-            call.branch, False, call.progress if self._ratio_varies else None, call.aggressive, paired)
-        plan = entry.plans.get(pk)
-        if plan is None or plan.owner is not st or plan.epoch != st.epoch:
-            plan = entry.plans[pk] = self._plan_call(entry, st, call, call.fresh)
+        plan = self._plan_for(entry, st, call, call.fresh, paired)
         step = None
         for _, slot in plan.dynamic:
             if not isinstance(slot, StepInput):   # a score drawn per call
@@ -403,12 +399,7 @@ class BlockRuntime:
             call.forced = True                 # a partial call whose caches are gone (a fault): counted as fresh
             ctl.calls["partial"] -= 1
             ctl.calls["fresh"] += 1
-        # the plan's key: what its variant and k depend on (the progress only under a varying ratio schedule)
-        pk = (call.branch, True) if fresh else (
-            call.branch, False, call.progress if self._ratio_varies else None, call.aggressive, ctl.paired)
-        plan = entry.plans.get(pk)
-        if plan is None or plan.owner is not st or plan.epoch != st.epoch:
-            plan = entry.plans[pk] = self._plan_call(entry, st, call, fresh)
+        plan = self._plan_for(entry, st, call, fresh, ctl.paired)
         v = plan.variant
         ctx = None
         state = plan.state
@@ -458,10 +449,20 @@ class BlockRuntime:
             st = BranchState(p.key)
             x = p.capture.flatten_inputs(args, kwargs)[p.stream_index]
             with torch.inference_mode(False):   # caches made in an inference_mode call serve later no_grad calls
-                st.allocate(p, x.shape[0], x.device)
+                st.allocate(p, x.device)
             self.states.set(call.branch, st)
         entry.branch_states[call.branch] = st
         return entry, st
+
+    def _plan_for(self, entry: _Entry, st: BranchState, call, fresh: bool, paired) -> _Plan:
+        """The plan of this kind of call, made once: keyed by what its variant and k depend on (the
+        progress only under a varying ratio schedule), re-made when its branch state was replaced."""
+        pk = (call.branch, True) if fresh else (
+            call.branch, False, call.progress if self._ratio_varies else None, call.aggressive, paired)
+        plan = entry.plans.get(pk)
+        if plan is None or plan.owner is not st or plan.epoch != st.epoch:
+            plan = entry.plans[pk] = self._plan_call(entry, st, call, fresh)
+        return plan
 
     def _plan_call(self, entry: _Entry, st: BranchState, call, fresh: bool) -> _Plan:
         """The variant, k per site, bound state inputs and stats increments of this kind of call."""

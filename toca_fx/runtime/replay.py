@@ -35,7 +35,7 @@ MAX_KINDS = 64          # far above what dynamo compiles for one frame (its reco
 class CallKind:
     """One kind of model call: per block (model order) ``(plan, entry)``, or None (runs unchanged)."""
 
-    __slots__ = ("fresh", "plans", "layout", "paired", "__weakref__")
+    __slots__ = ("fresh", "plans", "layout", "paired")
 
     def __init__(self, fresh: bool, plans: tuple, layout, paired: bool):
         self.fresh, self.plans, self.layout, self.paired = fresh, plans, layout, paired
@@ -68,8 +68,7 @@ def layout(args, kwargs):
             inner = tuple((k, one(x)) for k, x in v.items())
             return None if any(x is None for _, x in inner) else (dict, inner)
         return None
-    key = one((tuple(args), dict(kwargs)))
-    return key
+    return one((tuple(args), dict(kwargs)))
 
 
 def discard(ctl) -> None:

@@ -36,12 +36,9 @@ class BranchState(nn.Module):
     def _name(buf: Buffer) -> str:
         return f"{buf.name}_{buf.site}"
 
-    def allocate(self, program, batch: int, device) -> None:
-        # ``batch`` is axis 0 of the stream input; a sequence-first stream (N, B, C) has its batch
-        # on axis 1 (the program is specialised to its input shapes, so the captured size holds)
-        streams = program.analysis.streams
-        if streams and streams[0].axes.batch not in (None, 0):
-            batch = program.analysis.stream_batch(0)
+    def allocate(self, program, device) -> None:
+        # the program is specialised to its input shapes: its batch size is the call's
+        batch = program.batch
         for specs in program.state.values():
             for spec in specs:
                 self.register_buffer(self._name(spec.buffer), spec.allocate(batch, device, program.cache_dtype),
